@@ -1,0 +1,1 @@
+"""Evaluation: held-out loss, generation metrics (Rouge-L, exact match)."""
