@@ -186,9 +186,13 @@ class PretrainLoader:
                 yield {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(targets)}
         else:
             dataset = _WorkerDataset(streams, self.num_workers, rotation=consumed % self.num_workers)
+            # Its own generator: a DataLoader otherwise draws its workers' base seed from the global
+            # torch RNG when iteration starts, which would shift the model's dropout stream by one
+            # draw at a different step in a resumed run than in an uninterrupted one.
+            generator = torch.Generator().manual_seed(self.seed)
             loader = torch.utils.data.DataLoader(
                 dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                prefetch_factor=2,
+                prefetch_factor=2, generator=generator,
             )
             for local, batch, state in loader:
                 if batch is None:

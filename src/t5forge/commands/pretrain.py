@@ -1,0 +1,58 @@
+"""`t5forge pretrain [task=NAME] [config=PATH] [a.b=value ...] [--print-config]`: span-corruption pre-training.
+
+The items are resolved by `t5forge.config.load_config` (defaults < preset < file < overrides);
+`--print-config` prints the resolved YAML and exits, otherwise the run goes to
+`t5forge.train.pretrain.run_pretrain(cfg)`. An empty `out_dir` becomes `runs/pretrain-<date>-<time>`
+so that the saved config names the directory the run really wrote.
+"""
+
+import dataclasses
+import os
+import time
+
+HELP = "pre-train a T5 with span corruption (nanoT5 keys: task=pt_8h optim.base_lr=2e-2 ...)"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "items", nargs="*", metavar="KEY=VALUE",
+        help="task=PRESET, config=FILE.yaml and config overrides like optim.batch_size=256",
+    )
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    parser.add_argument("--list-tasks", action="store_true", help="list the presets (task=NAME) and exit")
+    parser.add_argument("--list-keys", action="store_true", help="list every config key with its default and exit")
+
+
+def run(args) -> int:
+    from t5forge.config import config_to_yaml, describe_keys, load_config
+    from t5forge.errors import T5ForgeError
+    from t5forge.presets import DESCRIPTIONS
+
+    if args.list_tasks:
+        for name, text in DESCRIPTIONS.items():
+            print(f"{name:8s} {text}")
+        return 0
+    if args.list_keys:
+        for key, kind, default, doc in describe_keys():
+            print(f"{key:40s} {default:22s} {doc}")
+        return 0
+
+    cfg = load_config(args.items)
+    if cfg.mode != "pt":
+        raise T5ForgeError(f"this config is for fine-tuning (mode={cfg.mode}); run it with `t5forge finetune`")
+    if args.print_config:
+        print(config_to_yaml(cfg), end="")
+        return 0
+    if not cfg.out_dir:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Ranks would each pick their own timestamp: the run directory must be named up front.
+            raise T5ForgeError("set out_dir=DIR when launching several processes (torchrun)")
+        cfg = dataclasses.replace(cfg, out_dir=time.strftime("runs/pretrain-%Y%m%d-%H%M%S"))
+
+    try:
+        from t5forge.train.pretrain import run_pretrain
+    except ModuleNotFoundError as err:
+        if err.name not in ("t5forge.train.pretrain", "t5forge.train"):
+            raise
+        raise T5ForgeError("training is not available yet in this build (t5forge.train.pretrain is missing)") from None
+    return int(run_pretrain(cfg) or 0)

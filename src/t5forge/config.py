@@ -1,0 +1,497 @@
+"""The run config: one frozen, typed tree of dataclasses, loaded from presets, YAML files and `a.b=value`.
+
+Key names follow nanoT5 wherever the meaning is the same (`optim.base_lr`, `optim.batch_size`,
+`data.input_length`, `eval.every_steps`, ...), so `t5forge pretrain task=pt_8h optim.base_lr=1e-2`
+reads like `python -m nanoT5.main task=pt_8h optim.base_lr=1e-2`.
+
+    cfg = load_config(["task=pt_cpu", "optim.total_steps=500"])   # -> RunConfig (frozen)
+    save_config(cfg, "run/config.yaml")                           # reloads strictly: config=run/config.yaml
+
+Layering, later wins: defaults (nanoT5's default.yaml) < `base` < `task=NAME` preset < `config=PATH`
+< `a.b=value` overrides in argv order. Unknown keys and values of the wrong type are a T5ForgeError
+that names the key and lists the valid keys of its section. The config is an input only: derived
+numbers (micro-batch, span-corruption lengths, steps from epochs or a time budget) live in
+`t5forge.plan.Plan`, counters in `t5forge.train.state.TrainState`.
+"""
+
+import dataclasses
+import difflib
+import functools
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from t5forge.errors import T5ForgeError
+
+OPTIMIZERS = ("adamwscale", "adamw", "adafactor")
+LR_SCHEDULERS = ("cosine", "legacy", "inverse_sqrt", "constant", "linear")
+PRECISIONS = ("bf16", "fp32")
+MODES = ("pt", "ft")
+ATTENTIONS = ("sdpa", "eager")
+
+
+def _key(default, doc: str):
+    """A config field with its one-line help (used by error messages and the README key table)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": doc})
+    return field(default=default, metadata={"help": doc})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _key("google/t5-v1_1-base", "architecture: google/t5-v1_1-{small,base,large}, t5-small, t5-base, "
+                     "tiny, or a local HF model directory (config.json)")
+    checkpoint_path: str = _key("", "start from these weights (HF T5 dir, t5forge model/checkpoint/run dir): "
+                                "continued pre-training / fine-tuning; '' = none")
+    random_init: bool = _key(True, "without checkpoint_path: true = fresh weights, false = model.name's pretrained weights")
+    compile: bool = _key(False, "torch.compile the model")
+    attention: str = _key("sdpa", "attention back end: sdpa | eager")
+    dropout_rate: float = _key(0.0, "dropout everywhere (nanoT5 overwrites T5's 0.1 with 0.0)")
+    # Architecture overrides on top of model.name (null = keep the named architecture's value).
+    vocab_size: Optional[int] = _key(None, "override: embedding rows (>= tokenizer vocab; 32128 for T5)")
+    d_model: Optional[int] = _key(None, "override: hidden size")
+    d_kv: Optional[int] = _key(None, "override: size of one attention head")
+    d_ff: Optional[int] = _key(None, "override: feed-forward inner size")
+    num_layers: Optional[int] = _key(None, "override: encoder layers (and decoder layers unless num_decoder_layers)")
+    num_decoder_layers: Optional[int] = _key(None, "override: decoder layers")
+    num_heads: Optional[int] = _key(None, "override: attention heads")
+    relative_attention_num_buckets: Optional[int] = _key(None, "override: relative position buckets")
+    relative_attention_max_distance: Optional[int] = _key(None, "override: relative position max distance")
+    feed_forward_proj: Optional[str] = _key(None, "override: relu | gated-gelu | gated-silu | gelu | ...")
+    tie_word_embeddings: Optional[bool] = _key(None, "override: share input embedding and LM head")
+    layer_norm_epsilon: Optional[float] = _key(None, "override: RMSNorm epsilon")
+
+    def architecture_overrides(self) -> dict:
+        """The set architecture fields, as T5Config keyword arguments."""
+        return {f: getattr(self, f) for f in ARCHITECTURE_KEYS if getattr(self, f) is not None}
+
+
+ARCHITECTURE_KEYS = (
+    "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
+    "relative_attention_num_buckets", "relative_attention_max_distance", "feed_forward_proj",
+    "tie_word_embeddings", "layer_norm_epsilon",
+)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = _key("allenai/c4", "HF dataset used when train_files is empty ('' = none)")
+    dataset_config: str = _key("en", "its configuration name")
+    train_files: List[str] = _key([], "local text files (json/jsonl/parquet/txt, .gz ok) instead of the Hub dataset")
+    validation_files: List[str] = _key([], "held-out files (empty + Hub dataset: its validation split)")
+    text_field: str = _key("text", "field holding the text in json/parquet records")
+    tokenizer: str = _key("google/t5-v1_1-base", "spiece.model, tokenizer.json, a directory holding one, or a Hub id")
+    input_length: int = _key(512, "encoder tokens per pre-training example (after span corruption)")
+    mlm_probability: float = _key(0.15, "span-corruption noise density")
+    mean_noise_span_length: float = _key(3.0, "mean corrupted span length")
+    num_workers: int = _key(8, "data loader worker processes per rank")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = _key("adamwscale", "adamwscale | adamw | adafactor")
+    base_lr: float = _key(2e-2, "peak learning rate (the `legacy` schedule ignores it)")
+    batch_size: int = _key(128, "global sequences per optimizer step (all ranks, all micro-steps)")
+    total_steps: int = _key(65536, "optimizer steps (schedule length); -1 with epochs > 0")
+    epochs: int = _key(-1, "fine-tuning: > 0 sets total_steps from the data size")
+    warmup_steps: int = _key(10000, "warmup steps")
+    lr_scheduler: str = _key("cosine", "cosine | legacy | inverse_sqrt | constant | linear")
+    final_cosine: float = _key(1e-5, "cosine: lr at the end (absolute)")
+    weight_decay: float = _key(0.0, "decoupled weight decay, matrices only (p.dim() >= 2)")
+    grad_clip: float = _key(1.0, "clip the global grad norm to this (0 = off)")
+    grad_acc: int = _key(1, "micro-steps per optimizer step (per rank)")
+    time_budget: str = _key("", "training-time budget (4h, 90m, 1h30m); drives the schedule; '' = none")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every_steps: int = _key(100000, "evaluate every N optimizer steps (and at the end)")
+    steps: int = _key(500, "batches per evaluation (0 = no evaluation)")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = _key(100000, "save every N optimizer steps (and at the end)")
+    keep_last: int = _key(3, "checkpoints kept on disk (0 = all)")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    every_steps: int = _key(100, "log train metrics every N optimizer steps")
+    grad_l2: bool = _key(True, "log the gradient norm")
+    weights_l2: bool = _key(True, "log the weight norm")
+    tensorboard: bool = _key(False, "also write TensorBoard events to out_dir/tensorboard")
+    wandb: bool = _key(False, "also log to Weights & Biases (needs wandb installed)")
+    wandb_project: str = _key("t5forge", "W&B project")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    sni_dir: str = _key("", "Super-NaturalInstructions folder (splits/default/, tasks/)")
+    train_files: List[str] = _key([], "or: seq2seq files (jsonl/json/csv/parquet, .gz ok)")
+    validation_files: List[str] = _key([], "seq2seq files for evaluation")
+    input_field: str = _key("input", "seq2seq files: source field")
+    target_field: str = _key("target", "seq2seq files: target field (string or list of references)")
+    max_seq_len: int = _key(1024, "encoder tokens (prompts are cut to this)")
+    max_target_len: int = _key(128, "decoder tokens (and generation length at evaluation)")
+    max_num_instances_per_task: int = _key(100, "SNI instances per task")
+    add_task_name: bool = _key(False, "SNI prompt: task name")
+    add_task_definition: bool = _key(True, "SNI prompt: task definition")
+    num_pos_examples: int = _key(2, "SNI prompt: positive examples")
+    num_neg_examples: int = _key(0, "SNI prompt: negative examples")
+    add_explanation: bool = _key(False, "SNI prompt: example explanations")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    mode: str = _key("pt", "pt (pre-training) | ft (fine-tuning); set by the presets")
+    seed: int = _key(2137, "random seed (model init, data order, span corruption)")
+    precision: str = _key("bf16", "bf16 (autocast, fp32 weights) | fp32")
+    device: str = _key("auto", "auto | cpu | cuda | cuda:N")
+    out_dir: str = _key("", "run directory ('' = runs/<command>-<date>-<time>)")
+    resume: str = _key("false", "false | auto (newest checkpoint in out_dir) | a checkpoint path")
+    stop_at_step: int = _key(0, "end this process after this step with a checkpoint (the schedule still spans "
+                             "the whole run; resume=auto continues it); 0 = run to the end")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+# ---------------------------------------------------------------------------------- schema walking
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp) -> bool:
+    return dataclasses.is_dataclass(tp)
+
+
+def _resolve(path: str, source: str):
+    """(field type, dotted key) for `path`, or a T5ForgeError naming the key and the valid ones."""
+    cls, parts = RunConfig, path.split(".")
+    for i, part in enumerate(parts):
+        hints = _type_hints(cls)
+        prefix = ".".join(parts[:i])
+        if part not in hints:
+            raise T5ForgeError(_unknown_key_message(path, part, cls, prefix, source))
+        tp = hints[part]
+        if i < len(parts) - 1 and not _is_section(tp):
+            raise T5ForgeError(f"{source}: {'.'.join(parts[: i + 1])} is a value, not a section; unknown key {path!r}")
+        cls = tp
+    return cls, path
+
+
+def _unknown_key_message(path, part, cls, prefix, source) -> str:
+    valid = list(_type_hints(cls))
+    close = difflib.get_close_matches(part, valid, n=1)
+    hint = f" (did you mean {'.'.join(filter(None, [prefix, close[0]]))}?)" if close else ""
+    where = f"in {prefix}" if prefix else "at the top level"
+    extra = "; task=NAME and config=PATH are command-line selectors, not keys" if part in ("task", "config") else ""
+    return f"{source}: unknown config key {path!r}{hint}; valid keys {where}: {', '.join(valid)}{extra}"
+
+
+def _check_mapping(d, cls, prefix: str, source: str) -> None:
+    """Every key of a (nested) mapping from a YAML file or preset exists in the schema."""
+    hints = _type_hints(cls)
+    for k, v in d.items():
+        path = f"{prefix}.{k}" if prefix else str(k)
+        if k not in hints:
+            raise T5ForgeError(_unknown_key_message(path, str(k), cls, prefix, source))
+        if _is_section(hints[k]):
+            if not isinstance(v, dict):
+                raise T5ForgeError(f"{source}: {path} is a section; give its keys ({path}.KEY: value), not {v!r}")
+            _check_mapping(v, hints[k], path, source)
+
+
+def _describe_type(tp) -> str:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Union and type(None) in args:
+        return _describe_type(next(a for a in args if a is not type(None))) + " or null"
+    if typing.get_origin(tp) in (list, List):
+        return "a list like [a,b]"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _yaml_scalar(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "[" + ",".join(value) + "]"
+    return "''" if value == "" else str(value)
+
+
+def describe_keys() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) for every leaf key, in schema order (for docs and `--help`)."""
+    rows = []
+
+    def walk(cls, prefix):
+        hints = _type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}{f.name}"
+            if _is_section(hints[f.name]):
+                walk(hints[f.name], key + ".")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((key, _describe_type(hints[f.name]), _yaml_scalar(default), f.metadata.get("help", "")))
+
+    walk(RunConfig, "")
+    return rows
+
+
+# ---------------------------------------------------------------------------------- loading
+def _omegaconf():
+    from omegaconf import OmegaConf  # imported late: `t5forge --help` stays fast
+
+    return OmegaConf
+
+
+def _merge(conf, patch: dict, source: str):
+    """Merge a nested dict into the structured DictConfig; type errors name the key."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return _omegaconf().merge(conf, patch)
+    except OmegaConfBaseException as err:
+        key = re.sub(r"\[\d+\]$", "", getattr(err, "full_key", None) or "?")
+        try:
+            tp = _resolve(key, source)[0]
+        except T5ForgeError:
+            tp = None
+        value = _lookup(patch, key)
+        expected = f"; expected {_describe_type(tp)}" if tp is not None else ""
+        raise T5ForgeError(f"{source}: bad value {value!r} for config key {key!r}{expected}") from None
+
+
+def _lookup(d, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return "?"
+        d = d[part]
+    return d
+
+
+def _nest(path: str, value) -> dict:
+    out = value
+    for part in reversed(path.split(".")):
+        out = {part: out}
+    return out
+
+
+def _parse_value(text: str):
+    """YAML scalar/list parsing as OmegaConf does it (1e-5 is a float, [a,b] a list, null is None)."""
+    parsed = _omegaconf().from_dotlist([f"v={text}"])
+    return _omegaconf().to_container(parsed)["v"]
+
+
+def _read_yaml(path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise T5ForgeError(f"config file {path} not found")
+    try:
+        loaded = _omegaconf().load(p)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise T5ForgeError(f"config file {path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    data = _omegaconf().to_container(loaded)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise T5ForgeError(f"config file {path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(argv_overrides: list[str], base=None) -> RunConfig:
+    """Resolve `task=NAME`, `config=PATH` and `a.b=value` items into a validated, frozen RunConfig.
+
+    `base` (optional): a preset name or a RunConfig to start from, e.g. the finetune command passes
+    `base="ft"`. Layering: defaults < base < task preset < config file < overrides (argv order).
+    """
+    from t5forge.presets import get_preset
+
+    OmegaConf = _omegaconf()
+    task, config_path, overrides = None, None, []
+    for item in argv_overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise T5ForgeError(f"expected KEY=VALUE (e.g. optim.base_lr=1e-2, task=pt_cpu, config=run.yaml), got {item!r}")
+        if key.startswith(("+", "~", "-")):
+            raise T5ForgeError(f"{item!r}: write plain KEY=VALUE; every key already exists (see --print-config)")
+        if key == "task":
+            if task is not None:
+                raise T5ForgeError(f"task= given twice ({task!r} and {value!r}); give one preset")
+            task = value
+        elif key == "config":
+            if config_path is not None:
+                raise T5ForgeError(f"config= given twice ({config_path!r} and {value!r}); give one file")
+            config_path = value
+        else:
+            overrides.append((key, value, item))
+
+    conf = OmegaConf.structured(RunConfig)
+    OmegaConf.set_readonly(conf, False)  # frozen dataclasses give a read-only DictConfig; we merge into it
+    if isinstance(base, RunConfig):
+        conf = _merge(conf, config_to_dict(base), "base config")
+    elif base is not None:
+        conf = _merge(conf, _checked(get_preset(base), f"preset {base!r}"), f"preset {base!r}")
+    if task is not None:
+        conf = _merge(conf, _checked(get_preset(task), f"preset {task!r}"), f"preset {task!r}")
+    if config_path is not None:
+        conf = _merge(conf, _checked(_read_yaml(config_path), f"config file {config_path}"), f"config file {config_path}")
+    for key, text, item in overrides:
+        source = f"override {item!r}"
+        tp, _ = _resolve(key, source)
+        if _is_section(tp):
+            raise T5ForgeError(f"{source}: {key} is a section; set one of its keys, e.g. {key}.{next(iter(_type_hints(tp)))}=...")
+        value = _parse_value(text)
+        if typing.get_origin(tp) in (list, List) and isinstance(value, (str, int, float)):
+            value = [str(value)]  # data.train_files=one.json.gz is a one-file list
+        conf = _merge(conf, _nest(key, value), source)
+
+    cfg = _normalise(OmegaConf.to_object(conf))
+    validate(cfg)
+    return cfg
+
+
+def _checked(d: dict, source: str) -> dict:
+    _check_mapping(d, RunConfig, "", source)
+    return d
+
+
+def _normalise(cfg: RunConfig) -> RunConfig:
+    """Spellings that YAML turns into other types (resume: false -> "False") back to canonical ones."""
+    resume = cfg.resume.strip()
+    if resume.lower() in ("false", "no", "none", "null", "off", ""):
+        resume = "false"
+    elif resume.lower() in ("auto", "true", "yes", "on"):
+        resume = "auto"
+    return dataclasses.replace(cfg, resume=resume) if resume != cfg.resume else cfg
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML; `load_config(["config=FILE"])` gives back an equal RunConfig."""
+    body = _omegaconf().to_yaml(_omegaconf().create(config_to_dict(cfg)), sort_keys=False)
+    return "# t5forge run config (resolved). Reproduce: t5forge pretrain config=THIS_FILE\n" + body
+
+
+def save_config(cfg: RunConfig, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config_to_yaml(cfg))
+
+
+# ---------------------------------------------------------------------------------- validation
+def _fail(key: str, value, what: str):
+    raise T5ForgeError(f"config key {key}={value!r}: {what}")
+
+
+def _choice(key: str, value, choices) -> None:
+    if value not in choices:
+        _fail(key, value, f"must be one of {', '.join(choices)}")
+
+
+def _at_least(key: str, value, low) -> None:
+    if value < low:
+        _fail(key, value, f"must be >= {low}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need no file system and no other module; the Plan checks what depends on world size."""
+    _choice("mode", cfg.mode, MODES)
+    _choice("precision", cfg.precision, PRECISIONS)
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        hint = " (write cuda for a GPU)" if cfg.device == "gpu" else ""
+        _fail("device", cfg.device, f"must be auto, cpu, cuda or cuda:N{hint}")
+
+    if cfg.stop_at_step < 0:
+        _fail("stop_at_step", cfg.stop_at_step, "must be >= 0 (0 = run to the end)")
+
+    m = cfg.model
+    if not m.name.strip():
+        _fail("model.name", m.name, "must name an architecture or a model directory")
+    _choice("model.attention", m.attention, ATTENTIONS)
+    if not 0.0 <= m.dropout_rate < 1.0:
+        _fail("model.dropout_rate", m.dropout_rate, "must be in [0, 1)")
+    for k in ARCHITECTURE_KEYS:
+        v = getattr(m, k)
+        if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+            _fail(f"model.{k}", v, "must be a positive integer (or null to keep model.name's value)")
+    if m.layer_norm_epsilon is not None and m.layer_norm_epsilon <= 0:
+        _fail("model.layer_norm_epsilon", m.layer_norm_epsilon, "must be > 0")
+
+    for key in ("data.train_files", "data.validation_files", "finetune.train_files", "finetune.validation_files"):
+        section, name = key.split(".")
+        files = getattr(getattr(cfg, section), name)
+        if not all(isinstance(f, str) and f for f in files):
+            _fail(key, files, "must be a list of file paths, like [a.jsonl,b.jsonl]")
+
+    d = cfg.data
+    if cfg.mode == "pt" and not d.train_files and not d.dataset.strip():
+        _fail("data.dataset", d.dataset, "is empty and data.train_files too: give one of them")
+    _at_least("data.input_length", d.input_length, 8)
+    if not 0.0 < d.mlm_probability < 1.0:
+        _fail("data.mlm_probability", d.mlm_probability, "must be in (0, 1)")
+    _at_least("data.mean_noise_span_length", d.mean_noise_span_length, 1.0)
+    _at_least("data.num_workers", d.num_workers, 0)
+    if not d.tokenizer.strip():
+        _fail("data.tokenizer", d.tokenizer, "must name a tokenizer (spiece.model, tokenizer.json, a directory or a Hub id)")
+
+    o = cfg.optim
+    _choice("optim.name", o.name, OPTIMIZERS)
+    _choice("optim.lr_scheduler", o.lr_scheduler, LR_SCHEDULERS)
+    if not o.base_lr > 0:
+        _fail("optim.base_lr", o.base_lr, "must be > 0")
+    _at_least("optim.batch_size", o.batch_size, 1)
+    _at_least("optim.grad_acc", o.grad_acc, 1)
+    if o.batch_size % o.grad_acc:
+        _fail("optim.batch_size", o.batch_size, f"must be divisible by optim.grad_acc={o.grad_acc}")
+    if o.epochs <= 0 and o.total_steps < 1:
+        _fail("optim.total_steps", o.total_steps, "must be >= 1 (or set optim.epochs > 0 when fine-tuning)")
+    if o.epochs > 0 and cfg.mode == "pt":
+        _fail("optim.epochs", o.epochs, "applies to fine-tuning only; pre-training streams data, set optim.total_steps")
+    _at_least("optim.warmup_steps", o.warmup_steps, 0)
+    if o.lr_scheduler == "inverse_sqrt" and o.warmup_steps < 1:
+        _fail("optim.warmup_steps", o.warmup_steps, "must be >= 1 for inverse_sqrt (lr = base_lr * sqrt(warmup / step))")
+    if o.total_steps >= 1 and o.epochs <= 0 and o.lr_scheduler in ("cosine", "linear") and o.warmup_steps >= o.total_steps:
+        _fail("optim.warmup_steps", o.warmup_steps, f"must be < optim.total_steps={o.total_steps} for {o.lr_scheduler}")
+    if not 0 <= o.final_cosine <= o.base_lr:
+        _fail("optim.final_cosine", o.final_cosine, f"must be in [0, optim.base_lr={o.base_lr}]")
+    _at_least("optim.weight_decay", o.weight_decay, 0.0)
+    _at_least("optim.grad_clip", o.grad_clip, 0.0)
+    time_budget_seconds(cfg)  # raises on a malformed duration
+
+    _at_least("eval.every_steps", cfg.eval.every_steps, 1)
+    _at_least("eval.steps", cfg.eval.steps, 0)
+    _at_least("checkpoint.every_steps", cfg.checkpoint.every_steps, 1)
+    _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 0)
+    _at_least("logging.every_steps", cfg.logging.every_steps, 1)
+
+    f = cfg.finetune
+    _at_least("finetune.max_seq_len", f.max_seq_len, 1)
+    _at_least("finetune.max_target_len", f.max_target_len, 1)
+    _at_least("finetune.max_num_instances_per_task", f.max_num_instances_per_task, 1)
+    _at_least("finetune.num_pos_examples", f.num_pos_examples, 0)
+    _at_least("finetune.num_neg_examples", f.num_neg_examples, 0)
+
+
+def time_budget_seconds(cfg: RunConfig) -> Optional[float]:
+    """optim.time_budget in seconds, or None when there is no budget."""
+    from t5forge.train.timing import parse_time_budget
+
+    return parse_time_budget(cfg.optim.time_budget, key="optim.time_budget")

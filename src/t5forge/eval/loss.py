@@ -1,0 +1,35 @@
+"""Held-out negative log-likelihood and next-token accuracy over a fixed set of batches."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from t5forge.train.distributed import World, all_reduce_sum
+
+
+@torch.no_grad()
+def evaluate_loss(model, batches, device, autocast=contextlib.nullcontext, world: World = World()) -> dict:
+    """Token-weighted NLL (nats/token) and argmax accuracy over the target tokens of `batches`.
+
+    Sums are taken over tokens, not averaged per batch, so batches with different numbers of
+    target tokens count by their size.
+    """
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll, correct, tokens
+    for batch in batches:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast():
+            out = model(**batch, loss_reduction="sum")
+        labels = batch["labels"]
+        valid = labels != -100
+        correct = ((out.logits.argmax(-1) == labels) & valid).sum()
+        totals += torch.stack([out.loss.double(), correct.double(), valid.sum().double()])
+    model.train(was_training)
+    nll, correct, tokens = all_reduce_sum(totals, world).tolist()
+    if tokens == 0:
+        return {"eval_loss": math.nan, "eval_accuracy": math.nan, "eval_tokens": 0}
+    return {"eval_loss": nll / tokens, "eval_accuracy": correct / tokens, "eval_tokens": int(tokens)}

@@ -1,0 +1,163 @@
+"""The plan of a run: numbers derived from the config and the world size, never written back into it.
+
+    plan = make_plan(cfg, world_size=dist.world_size)
+    plan.micro_batch_size, plan.grad_acc        # per rank: micro_batch * grad_acc * world = batch_size
+    plan.input_length, plan.target_length       # span corruption: 512 -> (568 raw tokens, 114 targets)
+    lr = lr_at(plan.schedule_step(state.step, elapsed_s))   # before each optimizer step
+    if plan.should_stop(state.step, elapsed_s): ...
+
+With `optim.time_budget` the schedule runs on progress = max(steps done / total_steps, time spent /
+budget), i.e. the run ends (with the lr at its floor) when either the steps or the time run out,
+whichever comes first. Without a budget, progress is steps done / total_steps.
+"""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from t5forge.config import RunConfig, time_budget_seconds
+from t5forge.errors import T5ForgeError
+
+
+@dataclass(frozen=True)
+class Plan:
+    world_size: int
+    batch_size: int  # global sequences per optimizer step (optim.batch_size)
+    grad_acc: int  # micro-steps per optimizer step, on every rank
+    micro_batch_size: int  # sequences per micro-step per rank
+    input_length: int  # encoder tokens per example
+    target_length: int  # decoder tokens per example
+    raw_input_length: Optional[int]  # pre-training: text tokens per example before span corruption
+    total_steps: int  # optimizer steps: the schedule length and the step limit
+    warmup_steps: int
+    time_budget_seconds: Optional[float]  # None: no budget, the step count alone drives the schedule
+
+    @property
+    def time_driven(self) -> bool:
+        return self.time_budget_seconds is not None
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Encoder + decoder tokens per optimizer step, all ranks (padding included when fine-tuning)."""
+        return self.batch_size * (self.input_length + self.target_length)
+
+    def progress(self, step: int, elapsed_seconds: float = 0.0) -> float:
+        """Fraction of the run done after `step` optimizer steps and `elapsed_seconds` of training."""
+        by_steps = step / self.total_steps
+        if not self.time_driven:
+            return by_steps
+        return max(by_steps, elapsed_seconds / self.time_budget_seconds)
+
+    def schedule_step(self, step: int, elapsed_seconds: float = 0.0) -> float:
+        """The (possibly fractional) step to evaluate the lr schedule at for the next update."""
+        if not self.time_driven:
+            return float(step)
+        return min(self.progress(step, elapsed_seconds), 1.0) * self.total_steps
+
+    def should_stop(self, step: int, elapsed_seconds: float = 0.0) -> bool:
+        return self.progress(step, elapsed_seconds) >= 1.0
+
+    def summary(self) -> str:
+        lines = [
+            f"batch {self.batch_size} = {self.world_size} rank(s) x {self.grad_acc} micro-step(s) x {self.micro_batch_size}",
+            f"lengths: input {self.input_length}, target {self.target_length}"
+            + (f" (span corruption of {self.raw_input_length} text tokens)" if self.raw_input_length else ""),
+            f"steps {self.total_steps} (warmup {self.warmup_steps}), {self.tokens_per_step:,} tokens per step",
+        ]
+        if self.time_driven:
+            lines.append(f"time budget {self.time_budget_seconds:.0f}s drives the schedule; stop at whichever ends first")
+        return "\n".join(lines)
+
+
+def split_batch(batch_size: int, grad_acc: int, world_size: int) -> int:
+    """Sequences per micro-step per rank; a T5ForgeError listing valid grad_acc values if it does not divide."""
+    if world_size < 1:
+        raise T5ForgeError(f"world size must be >= 1, got {world_size}")
+    per_micro = grad_acc * world_size
+    if batch_size % per_micro == 0:
+        return batch_size // per_micro
+    if batch_size % world_size:
+        hint = f"make optim.batch_size a multiple of the world size ({world_size})"
+    else:
+        ok = [g for g in range(1, batch_size // world_size + 1) if (batch_size // world_size) % g == 0]
+        hint = f"with {world_size} rank(s) optim.grad_acc can be one of {', '.join(map(str, ok))}"
+    raise T5ForgeError(
+        f"optim.batch_size={batch_size} is not divisible by optim.grad_acc ({grad_acc}) x world size "
+        f"({world_size}) = {per_micro}; {hint}"
+    )
+
+
+def make_plan(cfg: RunConfig, world_size: int = 1, train_examples: Optional[int] = None) -> Plan:
+    """Derive the plan; `train_examples` (fine-tuning) turns optim.epochs into total_steps."""
+    o = cfg.optim
+    micro = split_batch(o.batch_size, o.grad_acc, world_size)
+
+    if cfg.mode == "pt":
+        from t5forge.data.span_corruption import compute_input_and_target_lengths
+
+        input_length = cfg.data.input_length
+        raw, target_length = compute_input_and_target_lengths(
+            input_length, cfg.data.mlm_probability, cfg.data.mean_noise_span_length
+        )
+    else:
+        input_length, target_length, raw = cfg.finetune.max_seq_len, cfg.finetune.max_target_len, None
+
+    if o.epochs > 0:
+        if train_examples is None:
+            raise T5ForgeError("optim.epochs > 0 needs the training set size; this command trains by steps: set optim.total_steps")
+        if train_examples < 1:
+            raise T5ForgeError("the training set is empty; check the fine-tuning data files")
+        # A last partial batch is still an optimizer step (the loader does not drop it).
+        total_steps = math.ceil(train_examples / o.batch_size) * o.epochs
+    else:
+        total_steps = o.total_steps
+    if o.lr_scheduler in ("cosine", "linear") and o.warmup_steps >= total_steps:
+        raise T5ForgeError(
+            f"optim.warmup_steps={o.warmup_steps} must be < the {total_steps} training steps for the "
+            f"{o.lr_scheduler} schedule"
+        )
+    return Plan(
+        world_size=world_size,
+        batch_size=o.batch_size,
+        grad_acc=o.grad_acc,
+        micro_batch_size=micro,
+        input_length=input_length,
+        target_length=target_length,
+        raw_input_length=raw,
+        total_steps=total_steps,
+        warmup_steps=o.warmup_steps,
+        time_budget_seconds=time_budget_seconds(cfg),
+    )
+
+
+def resolve_model_config(cfg: RunConfig):
+    """The T5Config of a fresh model: model.name's architecture + the model.* overrides.
+
+    model.name is a built-in architecture (T5Config.from_name) or a directory holding an HF
+    `config.json` or a t5forge `model_config.json`. A run that starts from model.checkpoint_path
+    takes the architecture from the checkpoint instead.
+    """
+    from t5forge.model.config import T5Config
+
+    m = cfg.model
+    path = Path(m.name).expanduser()
+    if path.is_dir():
+        for file_name in ("model_config.json", "config.json"):
+            if (path / file_name).is_file():
+                base = T5Config.from_json_file(path / file_name)
+                break
+        else:
+            raise T5ForgeError(f"model.name={m.name!r} is a directory without config.json or model_config.json")
+    else:
+        try:
+            base = T5Config.from_name(m.name)
+        except T5ForgeError as err:
+            raise T5ForgeError(f"model.name={m.name!r}: {err}") from None
+    changes = {**m.architecture_overrides(), "dropout_rate": m.dropout_rate, "attention_backend": m.attention}
+    if "num_layers" in changes and "num_decoder_layers" not in changes:
+        changes["num_decoder_layers"] = changes["num_layers"]  # as HF: the decoder follows num_layers
+    try:
+        return base.replace(**changes)
+    except T5ForgeError as err:
+        raise T5ForgeError(f"model.* overrides on {m.name!r}: {err}") from None

@@ -1,0 +1,181 @@
+"""The training loop shared by pre-training and fine-tuning.
+
+One optimizer step = `plan.grad_acc` micro-batches per rank. The loss of the step is the summed
+token cross-entropy divided by the number of target tokens in the WHOLE step (all micro-batches,
+all ranks), so long and short targets weigh by their tokens, as if the step were one big batch;
+nanoT5 averages per micro-batch instead, which biases towards short targets when lengths vary.
+
+After each step three hooks run: log (every `logging.every_steps`), evaluate (every
+`eval.every_steps`) and checkpoint (every `checkpoint.every_steps`); the run ends when the plan
+says so (steps done, or `optim.time_budget` spent), with a final evaluation and checkpoint.
+The time budget counts training steps only: compile warm-up, evaluation and checkpoint writing
+run with the stopwatch paused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+
+from t5forge.errors import T5ForgeError
+from t5forge.optim.schedules import set_lr
+from t5forge.train import rng
+from t5forge.train.checkpoint import Checkpointer, unwrap_model
+from t5forge.train.distributed import World, all_reduce_sum
+from t5forge.train.metrics_log import MetricsLogger, estimate_mfu
+from t5forge.train.state import TrainState
+from t5forge.train.timing import Stopwatch
+
+log = logging.getLogger(__name__)
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels")
+
+
+@dataclass
+class LoopParts:
+    """Everything the loop touches, built by `pretrain.py` / `finetune.py`."""
+
+    cfg: Any  # RunConfig
+    plan: Any  # Plan
+    model: torch.nn.Module  # possibly DDP- and compile-wrapped
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    lr_at: Callable[[float], float]
+    train_batches: Iterable[dict]  # endless iterator of micro-batches (the loader repeats epochs)
+    data_state: Callable[[], Any]  # the train loader's state_dict, saved with checkpoints
+    evaluate: Callable[[int], dict] | None  # step -> metrics, or None for no evaluation
+    checkpointer: Checkpointer
+    logger: MetricsLogger
+    world: World
+    device: torch.device
+    autocast: Callable[[], Any]
+    config_text: str
+    flops_per_step: float | None = None  # global training FLOPs per optimizer step (for MFU)
+    peak_flops: float | None = None  # one device's peak FLOP/s in the run's precision
+
+
+def count_tokens(batch: dict) -> int:
+    """Encoder input tokens + decoder target tokens of a micro-batch, padding excluded."""
+    n_in = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+    return n_in + int((batch["labels"] != -100).sum())
+
+
+def train_step(parts: LoopParts, batches: list[dict], lr: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step over `batches`; returns (summed loss, target tokens, grad norm) as tensors
+    on the device (no host sync here: the caller reads them only when it logs)."""
+    model, world, device = parts.model, parts.world, parts.device
+    local_targets = sum(int((b["labels"] != -100).sum()) for b in batches)  # host tensors: no device sync
+    if local_targets == 0 and not world.distributed:
+        raise T5ForgeError("every target token of an optimizer step is padding (-100); check the data")
+    n_targets = all_reduce_sum(torch.tensor(float(local_targets), device=device), world)
+    loss_sum = torch.zeros((), device=device)
+    for i, batch in enumerate(batches):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in MODEL_INPUTS}
+        last = i == len(batches) - 1
+        # DDP all-reduces gradients only on the last micro-step of the optimizer step.
+        sync = contextlib.nullcontext() if last or not world.distributed else model.no_sync()
+        with sync:
+            with parts.autocast():
+                out = model(**batch, loss_reduction="sum")
+            # DDP averages gradients over ranks; multiply back so the step's gradient is the
+            # gradient of (all ranks' summed loss / all ranks' target tokens).
+            (out.loss * (world.world_size / n_targets)).backward()
+        loss_sum += out.loss.detach()
+    set_lr(parts.optimizer, lr)
+    clip = parts.cfg.optim.grad_clip
+    params = [p for p in unwrap_model(model).parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+    parts.optimizer.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+    return all_reduce_sum(loss_sum, world), n_targets, grad_norm
+
+
+def save_checkpoint(parts: LoopParts, state: TrainState) -> None:
+    parts.checkpointer.save(
+        model=parts.model, tokenizer=parts.tokenizer, optimizer=parts.optimizer, train_state=state,
+        data_state=parts.data_state(), config_text=parts.config_text, rng_state=rng.capture(),
+    )
+
+
+def run_evaluation(parts: LoopParts, state: TrainState) -> None:
+    metrics = parts.evaluate(state.step)
+    best = state.update_best(metrics.get("eval_loss", math.nan))
+    parts.logger.log_eval(state.step, **metrics, best=best)
+
+
+def train(parts: LoopParts, state: TrainState) -> TrainState:
+    """Run optimizer steps until the plan says stop; returns the final train state."""
+    cfg, plan = parts.cfg, parts.plan
+    every_log, every_eval, every_ckpt = cfg.logging.every_steps, cfg.eval.every_steps, cfg.checkpoint.every_steps
+    stopwatch = Stopwatch(initial=state.elapsed_train_seconds)
+    wall_start = time.perf_counter() - state.elapsed_wall_seconds
+    window = {"loss": torch.zeros((), device=parts.device), "targets": torch.zeros((), device=parts.device),
+              "steps": 0, "tokens": 0, "seconds": 0.0}
+    first_step_of_process = True
+    last_eval = last_ckpt = -1
+
+    # stop_at_step ends this process early (a checkpoint, no final evaluation); the schedule still
+    # spans the whole run and resume=auto continues it, as a preemptible job would.
+    stop_at = cfg.stop_at_step if cfg.stop_at_step > 0 else None
+    parts.model.train()
+    while not plan.should_stop(state.step, stopwatch.elapsed) and state.step != stop_at:
+        lr = parts.lr_at(plan.schedule_step(state.step, stopwatch.elapsed))
+        t0 = time.perf_counter()
+        # The first step of a compiled model is mostly compilation: keep it off the budget clock.
+        warmup = first_step_of_process and cfg.model.compile
+        if not warmup:
+            stopwatch.start()
+        batches = [next(parts.train_batches) for _ in range(plan.grad_acc)]
+        tokens = sum(count_tokens(b) for b in batches)
+        loss_sum, n_targets, grad_norm = train_step(parts, batches, lr)
+        stopwatch.pause()
+        first_step_of_process = False
+
+        state.step += 1
+        state.tokens_seen += tokens * parts.world.world_size
+        state.examples_seen += plan.batch_size
+        window["loss"] += loss_sum
+        window["targets"] += n_targets
+        window["steps"] += 1
+        window["tokens"] += tokens * parts.world.world_size
+        window["seconds"] += time.perf_counter() - t0
+        parts.logger.advance(state.step)
+
+        if state.step % every_log == 0 or state.step == stop_at or plan.should_stop(state.step, stopwatch.elapsed):
+            loss = (window["loss"] / window["targets"]).item()  # the one host sync per log
+            if not math.isfinite(loss):
+                raise T5ForgeError(
+                    f"the training loss became {loss} at step {state.step}; lower optim.base_lr or check "
+                    f"the data, then resume from the last checkpoint ({parts.checkpointer.latest()})"
+                )
+            seconds = window["seconds"] / window["steps"]
+            parts.logger.log_train(
+                state.step, loss=loss, grad_norm=float(grad_norm), lr=lr, seconds_per_step=seconds,
+                tokens_per_s=window["tokens"] / window["seconds"],
+                mfu=estimate_mfu(parts.flops_per_step, seconds, (parts.peak_flops or 0) * parts.world.world_size),
+                elapsed_train_seconds=stopwatch.elapsed,
+            )
+            window.update(loss=torch.zeros((), device=parts.device), targets=torch.zeros((), device=parts.device),
+                          steps=0, tokens=0, seconds=0.0)
+
+        state.elapsed_train_seconds = stopwatch.elapsed
+        state.elapsed_wall_seconds = time.perf_counter() - wall_start
+        if parts.evaluate is not None and state.step % every_eval == 0:
+            run_evaluation(parts, state)
+            last_eval = state.step
+        if state.step % every_ckpt == 0:
+            save_checkpoint(parts, state)
+            last_ckpt = state.step
+
+    if parts.evaluate is not None and last_eval != state.step and state.step != stop_at:
+        run_evaluation(parts, state)
+    state.elapsed_wall_seconds = time.perf_counter() - wall_start
+    if last_ckpt != state.step:
+        save_checkpoint(parts, state)
+    return state

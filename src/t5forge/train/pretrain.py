@@ -1,0 +1,142 @@
+"""`t5forge pretrain`: span-corruption pre-training from a RunConfig, end to end.
+
+    argv -> RunConfig (frozen) -> Plan -> tokenizer, model, loaders, optimizer, schedule
+         -> resume (false | auto | path) -> train() -> out_dir/{config.yaml, metrics.jsonl, checkpoints/}
+
+Launch several processes with `torchrun --nproc_per_node N -m t5forge pretrain ...`: each rank
+reads its own slice of the data; DDP keeps the replicas equal.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+
+import torch
+
+from t5forge.config import RunConfig, config_to_yaml, save_config
+from t5forge.errors import T5ForgeError
+from t5forge.train import rng
+from t5forge.train.checkpoint import Checkpointer, latest, resolve_resume
+from t5forge.train.checkpoint import load as load_checkpoint
+from t5forge.train.distributed import init_world, shutdown, wrap_ddp
+from t5forge.train.loop import LoopParts, train
+from t5forge.train.metrics_log import MetricsLogger, peak_flops, t5_flops_per_step
+from t5forge.train.setup import autocast_for, build_model, enable_fast_math, load_run_tokenizer, pick_device
+from t5forge.train.state import TrainState
+
+log = logging.getLogger(__name__)
+
+
+def build_loader(cfg: RunConfig, plan, tokenizer, world, split: str):
+    """The span-corruption loader of `split` ("train" or "validation"), or None when there is no
+    held-out data (local training files without data.validation_files)."""
+    from t5forge.data.loader import build_pretrain_loader
+
+    d = cfg.data
+    files = d.train_files if split == "train" else d.validation_files
+    if split == "validation" and not files and d.train_files:
+        return None
+    if not files and not d.dataset:
+        raise T5ForgeError("no training data: set data.train_files=[...] or data.dataset=NAME")
+    return build_pretrain_loader(
+        tokenizer=tokenizer, dataset=d.dataset or None, dataset_config=d.dataset_config or None,
+        files=list(files), text_field=d.text_field, split=split, batch_size=plan.micro_batch_size,
+        input_length=plan.input_length, noise_density=d.mlm_probability,
+        mean_noise_span_length=d.mean_noise_span_length, seed=cfg.seed, rank=world.rank,
+        world_size=world.world_size,
+        # Held-out batches are few and read once per evaluation: workers would only add start-up time.
+        num_workers=d.num_workers if split == "train" else 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def held_out_evaluator(cfg: RunConfig, loader, model, device, autocast, world):
+    """step -> {eval_loss, eval_accuracy, ...} over the first `eval.steps` held-out batches."""
+    from t5forge.eval.loss import evaluate_loss
+
+    def evaluate(step: int) -> dict:
+        batches = itertools.islice(iter(loader), cfg.eval.steps)
+        return evaluate_loss(model, batches, device, autocast=autocast, world=world)
+
+    return evaluate
+
+
+def run_pretrain(cfg: RunConfig) -> int:
+    device_type = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    world = init_world(device_type)
+    try:
+        return _run(cfg, world)
+    finally:
+        shutdown(world)
+
+
+def _run(cfg: RunConfig, world) -> int:
+    from t5forge.optim.build import build_optimizer, build_schedule
+    from t5forge.plan import make_plan
+
+    device = pick_device(cfg.device, world.local_rank)
+    enable_fast_math(device)
+    plan = make_plan(cfg, world_size=world.world_size)
+    run_dir = Path(cfg.out_dir)
+    resume_from = resolve_resume(cfg.resume, run_dir)
+    if resume_from is None and latest(run_dir) is not None:
+        raise T5ForgeError(
+            f"{run_dir} already holds checkpoints ({latest(run_dir).name}); continue it with resume=auto "
+            "or start a new run in another out_dir"
+        )
+
+    rng.seed_all(cfg.seed)  # same initial weights on every rank
+    tokenizer = load_run_tokenizer(cfg)
+    model = build_model(cfg, tokenizer, device)
+    optimizer = build_optimizer(model, cfg.optim)
+    lr_at = build_schedule(cfg.optim, total_steps=plan.total_steps)
+    train_loader = build_loader(cfg, plan, tokenizer, world, "train")
+    eval_loader = build_loader(cfg, plan, tokenizer, world, "validation") if cfg.eval.steps > 0 else None
+
+    state = TrainState()
+    if resume_from is not None:
+        state, rng_state, data_state = load_checkpoint(
+            resume_from, model, optimizer, rank=world.rank, world_size=world.world_size
+        )
+        train_loader.load_state_dict(data_state)
+        rng.restore(rng_state)
+        log.info("resumed from %s at step %d", resume_from, state.step)
+    else:
+        rng.seed_all(cfg.seed + 1 + world.rank)  # dropout differs across ranks
+
+    autocast = autocast_for(cfg.precision, device)
+    train_model = wrap_ddp(model, world, device)
+    if cfg.model.compile:
+        train_model = torch.compile(train_model)
+
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        print(f"run directory: {run_dir}\n{plan.summary()}\nmodel: {model.num_parameters():,} parameters")
+    logger = MetricsLogger(
+        run_dir, tensorboard=cfg.logging.tensorboard, resume_step=state.step if resume_from else None,
+        total_steps=plan.total_steps, enabled=world.is_main,
+    )
+    evaluate = None
+    if eval_loader is not None:
+        evaluate = held_out_evaluator(cfg, eval_loader, model, device, autocast, world)
+    elif world.is_main and cfg.eval.steps > 0:
+        print("no held-out data (data.validation_files is empty): training without evaluation")
+
+    parts = LoopParts(
+        cfg=cfg, plan=plan, model=train_model, tokenizer=tokenizer, optimizer=optimizer, lr_at=lr_at,
+        train_batches=iter(train_loader), data_state=train_loader.state_dict, evaluate=evaluate,
+        checkpointer=Checkpointer(run_dir, keep_last=cfg.checkpoint.keep_last or None, world=world),
+        logger=logger, world=world, device=device, autocast=autocast, config_text=config_to_yaml(cfg),
+        flops_per_step=t5_flops_per_step(model.config, plan.batch_size, plan.input_length, plan.target_length),
+        peak_flops=peak_flops(device, "bf16" if cfg.precision == "bf16" else "tf32"),
+    )
+    with logger:
+        state = train(parts, state)
+    if world.is_main:
+        best = f", best eval loss {state.best_eval_loss:.4f} at step {state.best_eval_step}" if state.best_eval_loss else ""
+        print(f"done: {state.step} steps, {state.tokens_seen:,} tokens, "
+              f"{state.elapsed_train_seconds:.0f}s of training{best}; checkpoints in {run_dir / 'checkpoints'}")
+    return 0
