@@ -1,0 +1,194 @@
+"""The T5 architecture as a frozen dataclass, with transformers' `T5Config` field names.
+
+`T5Config.from_hf_dict` reads an HF `config.json` (rejecting anything that is not a T5),
+`to_hf_dict` writes one that `transformers.T5Config` accepts, and `from_name` knows the shapes of
+the common public checkpoints offline (no Hub access needed to build a fresh model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from t5forge.errors import T5ForgeError
+
+ATTENTION_BACKENDS = ("eager", "sdpa")
+# The activations HF's T5 knows ("gated-" prefixed or not). HF maps "gated-gelu" to the tanh
+# approximation ("gelu_new") for backwards compatibility; plain "gelu" is the exact erf GELU.
+ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
+
+
+@dataclass(frozen=True)
+class T5Config:
+    vocab_size: int = 32128
+    d_model: int = 768
+    d_kv: int = 64
+    d_ff: int = 2048
+    num_layers: int = 12
+    num_decoder_layers: int | None = None  # None -> num_layers
+    num_heads: int = 12
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dropout_rate: float = 0.1
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "gated-gelu"
+    tie_word_embeddings: bool = False
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0
+    attention_backend: str = "sdpa"  # t5forge only: "eager" | "sdpa"
+
+    def __post_init__(self):
+        if self.num_decoder_layers is None:
+            object.__setattr__(self, "num_decoder_layers", self.num_layers)
+        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
+                     "relative_attention_num_buckets", "relative_attention_max_distance"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise T5ForgeError(f"model config: {name} must be a positive integer, got {value!r}")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise T5ForgeError(f"model config: dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
+        self.activation  # validates feed_forward_proj
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise T5ForgeError(
+                f"model config: attention_backend {self.attention_backend!r} is unknown; use one of {ATTENTION_BACKENDS}"
+            )
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def is_gated(self) -> bool:
+        return self.feed_forward_proj.startswith("gated-")
+
+    @property
+    def activation(self) -> str:
+        """The activation name of the feed-forward ("relu", "gelu", "gelu_new" or "silu")."""
+        proj = self.feed_forward_proj
+        act = proj[len("gated-"):] if proj.startswith("gated-") else proj
+        if act not in ACTIVATIONS:
+            raise T5ForgeError(
+                f"model config: feed_forward_proj {proj!r} is unknown; use 'relu', 'gated-gelu', 'gated-silu' "
+                f"or another of {list(ACTIVATIONS)} with an optional 'gated-' prefix"
+            )
+        return "gelu_new" if proj == "gated-gelu" else act
+
+    def replace(self, **changes) -> "T5Config":
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise T5ForgeError(f"model config: unknown field(s) {unknown}")
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ HF config.json
+    @classmethod
+    def from_hf_dict(cls, d: dict, source: str = "config.json") -> "T5Config":
+        """Build from an HF T5 `config.json` dict; `source` names the file in error messages."""
+        if not isinstance(d, dict):
+            raise T5ForgeError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        model_type = d.get("model_type")
+        if model_type != "t5":
+            raise T5ForgeError(
+                f"{source}: model_type is {model_type!r}, but t5forge loads only T5 models (model_type 't5'); "
+                "point at a T5 checkpoint"
+            )
+        kwargs = {}
+        for field in dataclasses.fields(cls):
+            if field.name == "attention_backend" or field.name not in d:
+                continue
+            kwargs[field.name] = d[field.name]
+        eos = kwargs.get("eos_token_id")
+        if isinstance(eos, list):
+            if len(eos) != 1:
+                raise T5ForgeError(f"{source}: eos_token_id {eos} has several ids; T5 needs a single EOS id")
+            kwargs["eos_token_id"] = eos[0]
+        for key in ("pad_token_id", "eos_token_id"):
+            if key in kwargs and kwargs[key] is None:
+                kwargs.pop(key)
+        if kwargs.get("decoder_start_token_id") is None:
+            kwargs["decoder_start_token_id"] = kwargs.get("pad_token_id", 0)
+        if isinstance(d.get("scale_decoder_outputs"), bool):
+            # transformers >= 5 always writes tie_word_embeddings=true for T5 and records the v1.0 / v1.1
+            # difference here instead: v1.1 (own lm_head) does not rescale the decoder output.
+            kwargs["tie_word_embeddings"] = d["scale_decoder_outputs"]
+        # HF's default (and the original T5 checkpoints, which omit the key) is tied embeddings.
+        kwargs.setdefault("tie_word_embeddings", True)
+        kwargs.setdefault("feed_forward_proj", "relu")  # HF's T5Config default
+        for key, value in kwargs.items():
+            if key in ("dropout_rate", "layer_norm_epsilon"):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif key == "feed_forward_proj":
+                ok = isinstance(value, str)
+            elif key == "tie_word_embeddings":
+                ok = isinstance(value, bool)
+            else:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            if not ok:
+                raise T5ForgeError(f"{source}: key {key!r} has value {value!r} of the wrong type")
+        try:
+            return cls(**kwargs)
+        except T5ForgeError as err:
+            raise T5ForgeError(f"{source}: {err}") from None
+
+    @classmethod
+    def from_json_file(cls, path) -> "T5Config":
+        """An HF `config.json` or a t5forge `model_config.json` (the latter carries attention_backend)."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise T5ForgeError(f"model config {path} does not exist") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise T5ForgeError(f"{path} is not valid JSON ({err})") from None
+        config = cls.from_hf_dict(d, source=str(path))
+        if "attention_backend" in d:
+            config = cls._with_backend(config, d["attention_backend"], str(path))
+        return config
+
+    @staticmethod
+    def _with_backend(config: "T5Config", backend, source: str) -> "T5Config":
+        try:
+            return config.replace(attention_backend=backend)
+        except T5ForgeError as err:
+            raise T5ForgeError(f"{source}: {err}") from None
+
+    def to_hf_dict(self) -> dict:
+        """A `config.json` dict that `transformers.T5Config` (and T5ForConditionalGeneration) accept."""
+        d = {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5"}
+        for field in dataclasses.fields(self):
+            if field.name != "attention_backend":
+                d[field.name] = getattr(self, field.name)
+        d.update(is_encoder_decoder=True, initializer_factor=1.0, use_cache=True)
+        return d
+
+    def to_json_dict(self) -> dict:
+        """`to_hf_dict` plus the t5forge-only fields (what `model_config.json` holds)."""
+        return {**self.to_hf_dict(), "attention_backend": self.attention_backend}
+
+    # ------------------------------------------------------------------ built-in shapes
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "T5Config":
+        """The architecture of a known public checkpoint (or "tiny" for tests), known offline."""
+        key = name.removeprefix("google-t5/")
+        if key not in _KNOWN:
+            raise T5ForgeError(
+                f"unknown model name {name!r}; built-in architectures are {sorted(_KNOWN)} "
+                "(or load a checkpoint directory holding config.json)"
+            )
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise T5ForgeError(f"model config: unknown field(s) {unknown}")
+        # Built from scratch (not `replace`) so that an overridden num_layers also sets the decoder depth.
+        return cls(**{**_KNOWN[key], **overrides})
+
+
+_V1_1 = dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+_ORIGINAL = dict(feed_forward_proj="relu", tie_word_embeddings=True)
+_KNOWN = {
+    "google/t5-v1_1-small": dict(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6, **_V1_1),
+    "google/t5-v1_1-base": dict(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12, **_V1_1),
+    "google/t5-v1_1-large": dict(d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_heads=16, **_V1_1),
+    "t5-small": dict(d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8, **_ORIGINAL),
+    "t5-base": dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12, **_ORIGINAL),
+    "tiny": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, **_V1_1),
+}
+KNOWN_NAMES = tuple(_KNOWN)

@@ -1,0 +1,198 @@
+"""HF transformers <-> t5forge: parameter names, loading an HF T5 directory, exporting one.
+
+HF's layout differs from ours in three ways beyond names: the relative position bias lives in
+block 0's SelfAttention of each stack (we keep it on the stack), `shared`,
+`encoder.embed_tokens` and `decoder.embed_tokens` are one tied tensor (we store `shared` only),
+and `lm_head` is absent (tied to `shared`) unless tie_word_embeddings is False.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from t5forge.errors import T5ForgeError
+from t5forge.model.config import T5Config
+
+# (HF name, t5forge name); {s} = stack, {i} = block index, {p} = projection.
+_NAME_TEMPLATES = [
+    ("shared.weight", "shared.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+    ("{s}.final_layer_norm.weight", "{s}.final_norm.weight"),
+    ("{s}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "{s}.relative_bias.weight"),
+    ("{s}.block.{i}.layer.0.SelfAttention.{p}.weight", "{s}.blocks.{i}.attn.{p}.weight"),
+    ("{s}.block.{i}.layer.0.layer_norm.weight", "{s}.blocks.{i}.attn_norm.weight"),
+    ("decoder.block.{i}.layer.1.EncDecAttention.{p}.weight", "decoder.blocks.{i}.cross_attn.{p}.weight"),
+    ("decoder.block.{i}.layer.1.layer_norm.weight", "decoder.blocks.{i}.cross_norm.weight"),
+    ("encoder.block.{i}.layer.1.DenseReluDense.{p}.weight", "encoder.blocks.{i}.ff.{p}.weight"),
+    ("encoder.block.{i}.layer.1.layer_norm.weight", "encoder.blocks.{i}.ff_norm.weight"),
+    ("decoder.block.{i}.layer.2.DenseReluDense.{p}.weight", "decoder.blocks.{i}.ff.{p}.weight"),
+    ("decoder.block.{i}.layer.2.layer_norm.weight", "decoder.blocks.{i}.ff_norm.weight"),
+]
+_GROUPS = {"s": r"(?P<s>encoder|decoder)", "i": r"(?P<i>\d+)", "p": r"(?P<p>q|k|v|o|wi|wi_0|wi_1|wo)"}
+# HF keys that carry no information of their own.
+HF_REDUNDANT = (
+    "encoder.embed_tokens.weight",  # = shared.weight
+    "decoder.embed_tokens.weight",  # = shared.weight
+    # HF builds it in every decoder's block 0 cross-attention but never uses it (and ignores it on load)
+    "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",
+)
+
+
+def _compile(template: str):
+    pattern = re.escape(template).replace(r"\{", "{").replace(r"\}", "}")
+    for name, group in _GROUPS.items():
+        pattern = pattern.replace("{" + name + "}", group)
+    return re.compile(pattern + r"\Z")
+
+
+_HF_TO_OURS = [(_compile(hf), ours) for hf, ours in _NAME_TEMPLATES]
+_OURS_TO_HF = [(_compile(ours), hf) for hf, ours in _NAME_TEMPLATES]
+
+
+def _rename(name: str, rules) -> str | None:
+    for pattern, template in rules:
+        m = pattern.match(name)
+        if m:
+            return template.format(**m.groupdict())
+    return None
+
+
+def hf_to_t5forge_name(name: str) -> str | None:
+    return _rename(name, _HF_TO_OURS)
+
+
+def t5forge_to_hf_name(name: str) -> str | None:
+    return _rename(name, _OURS_TO_HF)
+
+
+def hf_to_t5forge_state_dict(hf_sd: dict, config: T5Config, source: str = "checkpoint") -> dict:
+    """HF T5 weights -> t5forge names (the tied aliases and HF's unused tensors are dropped)."""
+    out = {}
+    for name, tensor in hf_sd.items():
+        if name in HF_REDUNDANT:
+            continue
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            shared = hf_sd.get("shared.weight")
+            if shared is not None and not torch.equal(tensor, shared):
+                raise T5ForgeError(
+                    f"{source}: the config ties the output layer to the embedding, but lm_head.weight differs "
+                    "from shared.weight; set tie_word_embeddings to false in config.json if it has its own lm_head"
+                )
+            continue
+        ours = hf_to_t5forge_name(name)
+        if ours is None:
+            raise T5ForgeError(f"{source}: weight {name!r} is not part of a T5 model; is this a T5 checkpoint?")
+        out[ours] = tensor
+    if "shared.weight" not in out:  # some exports keep only an embed_tokens copy of the tie
+        for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+            if alias in hf_sd:
+                out["shared.weight"] = hf_sd[alias]
+                break
+    if not config.tie_word_embeddings and "lm_head.weight" not in out and "shared.weight" in out:
+        # transformers >= 5 may save an unscaled ("v1.1") T5 whose lm_head is tied to the embedding
+        # (lm_head then absent); an untied copy computes the same function.
+        out["lm_head.weight"] = out["shared.weight"].clone()
+    return out
+
+
+def t5forge_to_hf_state_dict(sd: dict) -> dict:
+    """t5forge weights -> HF names (what `export_hf` writes: no tied aliases)."""
+    out = {}
+    for name, tensor in sd.items():
+        hf = t5forge_to_hf_name(name)
+        if hf is None:
+            raise ValueError(f"t5forge weight {name!r} has no HF name")
+        out[hf] = tensor
+    return out
+
+
+def load_state_dict_strict(model, sd: dict, source: str) -> None:
+    """Load weights, turning missing/unexpected keys and shape mismatches into one T5ForgeError."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise T5ForgeError(
+            f"{source} does not match the model config: missing weights {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected weights {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}; check that config and weights belong together"
+        )
+    for name, tensor in sd.items():
+        if tensor.shape != expected[name].shape:
+            raise T5ForgeError(
+                f"{source}: weight {name!r} has shape {tuple(tensor.shape)} but the config implies "
+                f"{tuple(expected[name].shape)}; check that config and weights belong together"
+            )
+    model.load_state_dict(sd, strict=True)
+
+
+def read_weights(directory: Path, names=("model.safetensors", "pytorch_model.bin")) -> tuple[dict, Path]:
+    """The state dict stored in `directory` (first of `names` present) and the file it came from."""
+    for name in names:
+        path = directory / name
+        if path.is_file():
+            try:
+                if name.endswith(".safetensors"):
+                    from safetensors.torch import load_file
+
+                    return load_file(str(path)), path
+                return torch.load(path, map_location="cpu", weights_only=True), path
+            except Exception as err:  # corrupt / truncated files raise library-specific errors
+                raise T5ForgeError(f"could not read weights {path} ({type(err).__name__}: {err})") from None
+    if (directory / "model.safetensors.index.json").is_file() or (directory / "pytorch_model.bin.index.json").is_file():
+        raise T5ForgeError(f"{directory} holds a sharded checkpoint; t5forge reads single-file weights only")
+    raise T5ForgeError(f"{directory} holds no weights: expected one of {list(names)}")
+
+
+def load_hf(directory, device="cpu", dtype=None, **overrides):
+    """(model, tokenizer or None) from an HF T5 directory: config.json + model.safetensors or
+    pytorch_model.bin, and spiece.model / tokenizer.json when present. `overrides` replace
+    T5Config fields (attention_backend, dropout_rate, ...)."""
+    from t5forge.model.t5 import T5
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise T5ForgeError(f"HF model directory {directory} does not exist")
+    config = T5Config.from_json_file(directory / "config.json")
+    if overrides:
+        config = config.replace(**overrides)
+    hf_sd, weights_path = read_weights(directory)
+    sd = hf_to_t5forge_state_dict(hf_sd, config, source=str(weights_path))
+    model = T5(config)
+    load_state_dict_strict(model, sd, str(weights_path))
+    model.to(device=device)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    tokenizer = None
+    if (directory / "spiece.model").is_file() or (directory / "tokenizer.json").is_file():
+        from t5forge.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(directory)
+    return model, tokenizer
+
+
+def export_hf(model, tokenizer, directory) -> Path:
+    """Write an HF T5 directory that `T5ForConditionalGeneration.from_pretrained` and
+    `AutoTokenizer.from_pretrained` load: config.json, model.safetensors, generation_config.json,
+    tokenizer files."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config: T5Config = model.config
+    sd = {k: v.detach().cpu().contiguous() for k, v in t5forge_to_hf_state_dict(model.state_dict()).items()}
+    save_file(sd, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+    generation = {
+        "decoder_start_token_id": config.decoder_start_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+    }
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory

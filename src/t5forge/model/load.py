@@ -1,0 +1,155 @@
+"""Saving and loading models: t5forge model directories, checkpoints, run directories, HF directories.
+
+A t5forge model directory holds `model.safetensors` (t5forge parameter names), `model_config.json`
+(the T5Config) and the tokenizer files. A checkpoint (`RUN/checkpoints/step-NNNNNNNN/`) is such a
+directory plus optimizer and train state; `load_model` on a run directory takes its newest
+complete checkpoint (complete = renamed from `.tmp`). An HF directory holds `config.json` and
+`model.safetensors` / `pytorch_model.bin`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from t5forge.errors import T5ForgeError
+from t5forge.model.config import T5Config
+from t5forge.model.hf import load_hf, load_state_dict_strict, read_weights
+
+WEIGHTS = "model.safetensors"
+CONFIG = "model_config.json"
+_STEP_DIR = re.compile(r"step-(\d+)\Z")
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+
+
+def unwrap(model):
+    """The bare T5 inside torch.compile / DDP wrappers (their state_dict keys carry prefixes)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def save_model_dir(model, tokenizer, directory) -> Path:
+    """Write model.safetensors + model_config.json (+ tokenizer files when a tokenizer is given)."""
+    from safetensors.torch import save_file
+
+    model = unwrap(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(directory / WEIGHTS), metadata={"format": "pt"})
+    (directory / CONFIG).write_text(json.dumps(model.config.to_json_dict(), indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory
+
+
+def newest_checkpoint(run_or_checkpoints_dir: Path) -> Path | None:
+    """The complete step-NNNNNNNN directory with the highest step (ignoring `.tmp` ones), or None."""
+    base = run_or_checkpoints_dir
+    if (base / "checkpoints").is_dir():
+        base = base / "checkpoints"
+    steps = []
+    for child in base.iterdir() if base.is_dir() else []:
+        m = _STEP_DIR.match(child.name)
+        if m and child.is_dir() and (child / WEIGHTS).is_file() and (child / CONFIG).is_file():
+            steps.append((int(m.group(1)), child))
+    return max(steps)[1] if steps else None
+
+
+def _parse_dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype) in _DTYPES:
+        return _DTYPES[str(dtype)]
+    raise T5ForgeError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+
+
+def _load_model_dir(directory: Path, overrides: dict):
+    from t5forge.model.t5 import T5
+
+    config = T5Config.from_json_file(directory / CONFIG)
+    if overrides:
+        config = config.replace(**overrides)
+    sd, path = read_weights(directory, names=(WEIGHTS,))
+    model = T5(config)
+    load_state_dict_strict(model, sd, str(path))
+    return model
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["config.json", "model.safetensors", "spiece.model", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json"]
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        if not (folder / "model.safetensors").is_file():  # older repos only have the .bin
+            folder = Path(snapshot_download(repo_id, allow_patterns=patterns + ["pytorch_model.bin"]))
+    except Exception as err:  # offline, unknown repo, auth: one message for all
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        raise T5ForgeError(
+            f"model {repo_id!r} is not a local path and could not be fetched from the Hugging Face Hub "
+            f"({type(err).__name__}: {first_line}); pass a local HF or t5forge model directory"
+        ) from None
+    return folder
+
+
+def _resolve(path) -> Path:
+    """The directory that actually holds the weights for `path` (see load_model)."""
+    spec = str(path)
+    p = Path(spec).expanduser()
+    if not p.exists():
+        looks_like_repo = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+        if looks_like_repo and not isinstance(path, Path):
+            return _download(spec)
+        raise T5ForgeError(f"model path {spec} does not exist")
+    if p.is_file():
+        if p.name in (WEIGHTS, CONFIG, "config.json", "pytorch_model.bin"):
+            return p.parent
+        raise T5ForgeError(f"{p} is a file; pass the directory holding the model (config + weights)")
+    if (p / CONFIG).is_file() or (p / "config.json").is_file():
+        return p
+    checkpoint = newest_checkpoint(p)
+    if checkpoint is not None:
+        return checkpoint
+    raise T5ForgeError(
+        f"{p} is neither a model directory (model_config.json or config.json with weights), a checkpoint, "
+        "nor a run directory with complete checkpoints/step-NNNNNNNN/"
+    )
+
+
+def load_model(path, device="cpu", dtype=None, **overrides):
+    """(model, tokenizer) from an HF T5 directory, a t5forge model or checkpoint directory, or a run
+    directory (its newest complete checkpoint). `overrides` replace T5Config fields, e.g.
+    attention_backend="eager" or dropout_rate=0.0. The tokenizer is None if the directory has none."""
+    dtype = _parse_dtype(dtype)
+    directory = _resolve(path)
+    if (directory / CONFIG).is_file():
+        model = _load_model_dir(directory, overrides)
+        tokenizer = None
+        if (directory / "spiece.model").is_file() or (directory / "tokenizer.json").is_file():
+            from t5forge.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(directory)
+    else:
+        model, tokenizer = load_hf(directory, **overrides)
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise T5ForgeError(
+            f"the tokenizer in {directory} has {tokenizer.vocab_size} ids but the model's vocab_size is "
+            f"{model.config.vocab_size}; use the tokenizer the model was trained with"
+        )
+    model.to(device=device)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    return model, tokenizer
+

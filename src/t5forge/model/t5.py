@@ -1,0 +1,291 @@
+"""The whole T5 encoder-decoder in one file (T5 v1.0 and v1.1 variants), numerically equal to HF's.
+
+    ids -> shared embedding -> dropout -> N x [x + attn(norm(x)), (x + cross_attn(norm(x), enc)), x + ff(norm(x))]
+        -> final norm -> dropout
+
+- RMSNorm without bias or mean subtraction, variance accumulated in fp32 (as HF's T5LayerNorm).
+- No biases in any linear layer; attention scores are not scaled by 1/sqrt(d_kv) (T5 folds the
+  scale into the initialisation of q).
+- Relative position bias: one learned table (num_buckets x heads) per stack, applied in every
+  layer; bidirectional buckets in the encoder, causal in the decoder. It is computed ONCE per stack
+  forward and folded together with the padding / causal mask (see model/attention.py).
+- Feed-forward: relu (T5 v1.0) or gated activation (v1.1: gelu with the tanh approximation).
+- Tied embeddings (v1.0) rescale the decoder output by d_model**-0.5 before the shared projection;
+  untied (v1.1) use a separate lm_head.
+- d_kv * num_heads need not equal d_model, and the decoder may be deeper or shallower than the encoder.
+
+Parameter names are t5forge's own (see model/hf.py for the mapping to HF's names).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from t5forge.model.attention import attend, compute_dtype, make_attention_bias
+from t5forge.model.config import T5Config
+
+
+@dataclass
+class Seq2SeqOutput:
+    loss: torch.Tensor | None  # scalar: mean or summed token cross-entropy over labels != -100
+    logits: torch.Tensor  # (B, T, V)
+    encoder_hidden_states: torch.Tensor  # (B, S, C)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        variance = x.float().pow(2).mean(-1, keepdim=True)  # fp32 even for half inputs
+        x = x * torch.rsqrt(variance + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return self.weight * x
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention when `context` is None, else cross-attention over it."""
+
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.n_heads, self.d_kv = config.num_heads, config.d_kv
+        inner = config.num_heads * config.d_kv
+        self.q = nn.Linear(config.d_model, inner, bias=False)
+        self.k = nn.Linear(config.d_model, inner, bias=False)
+        self.v = nn.Linear(config.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, config.d_model, bias=False)
+        self.backend = config.attention_backend
+        self.dropout = config.dropout_rate
+
+    def split_heads(self, x):  # (B, L, H*D) -> (B, H, L, D)
+        B, L, _ = x.shape
+        return x.view(B, L, self.n_heads, self.d_kv).transpose(1, 2)
+
+    def project_kv(self, x):  # (B, K, C) -> k, v: (B, H, K, D); the generation cache calls this
+        return self.split_heads(self.k(x)), self.split_heads(self.v(x))
+
+    def forward(self, x, bias, context=None, kv=None):
+        # x: (B, Q, C); bias: from make_attention_bias; kv: precomputed (k, v) from a cache
+        B, Q, _ = x.shape
+        q = self.split_heads(self.q(x))  # (B, H, Q, D)
+        k, v = kv if kv is not None else self.project_kv(x if context is None else context)
+        y = attend(self.backend, q, k, v, bias, self.dropout if self.training else 0.0)  # (B, H, Q, D)
+        return self.o(y.transpose(1, 2).reshape(B, Q, self.n_heads * self.d_kv))
+
+
+_ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,  # exact (erf) GELU
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # HF's gelu_new, what gated-gelu means
+    "silu": F.silu,
+}
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.gated = config.is_gated
+        if self.gated:
+            self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)  # activated branch
+            self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)  # linear branch
+        else:
+            self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.act = _ACTIVATIONS[config.activation]
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, x):  # (B, L, C) -> (B, L, C)
+        h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))  # (B, L, F)
+        return self.wo(self.dropout(h))
+
+
+class Block(nn.Module):
+    """Pre-norm block: self-attention, cross-attention (decoder only), feed-forward; each residual."""
+
+    def __init__(self, config: T5Config, is_decoder: bool):
+        super().__init__()
+        eps = config.layer_norm_epsilon
+        self.attn_norm = RMSNorm(config.d_model, eps)
+        self.attn = Attention(config)
+        if is_decoder:
+            self.cross_norm = RMSNorm(config.d_model, eps)
+            self.cross_attn = Attention(config)
+        self.ff_norm = RMSNorm(config.d_model, eps)
+        self.ff = FeedForward(config)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.is_decoder = is_decoder
+
+    def forward(self, x, self_bias, enc=None, cross_bias=None, cache=None):
+        # cache: a generation.LayerCache (decoding step by step) or None (whole sequences)
+        h = self.attn_norm(x)
+        kv = cache.self_kv(self.attn, h) if cache is not None else None
+        x = x + self.dropout(self.attn(h, self_bias, kv=kv))
+        if self.is_decoder:
+            h = self.cross_norm(x)
+            kv = cache.cross_kv(self.cross_attn, enc) if cache is not None else None
+            x = x + self.dropout(self.cross_attn(h, cross_bias, context=enc, kv=kv))
+        return x + self.dropout(self.ff(self.ff_norm(x)))
+
+
+def relative_position_bucket(relative_position, bidirectional: bool, num_buckets: int, max_distance: int):
+    """Mesh TensorFlow's bucketing of (key - query) distances: exact for small ones, log-spaced up
+    to max_distance, everything beyond in the last bucket. Causal buckets only see the past."""
+    buckets = 0
+    if bidirectional:
+        num_buckets //= 2
+        buckets = (relative_position > 0).long() * num_buckets  # the future gets the upper half
+        distance = relative_position.abs()
+    else:
+        distance = -relative_position.clamp(max=0)
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    # log(0) is -inf for distance 0; that value is discarded by the where below.
+    log_bucket = max_exact + (
+        torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).long()
+    log_bucket = log_bucket.clamp(max=num_buckets - 1)
+    return buckets + torch.where(is_small, distance, log_bucket)
+
+
+class Stack(nn.Module):
+    """The encoder (bidirectional) or decoder (causal, with cross-attention) stack."""
+
+    def __init__(self, config: T5Config, is_decoder: bool):
+        super().__init__()
+        self.config, self.is_decoder = config, is_decoder
+        self.relative_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
+        n_layers = config.num_decoder_layers if is_decoder else config.num_layers
+        self.blocks = nn.ModuleList([Block(config, is_decoder) for _ in range(n_layers)])
+        self.final_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def position_bias(self, q_len: int, k_len: int, offset: int = 0):  # -> (1, H, Q, K)
+        device = self.relative_bias.weight.device
+        q_pos = torch.arange(q_len, device=device)[:, None] + offset
+        k_pos = torch.arange(k_len, device=device)[None, :]
+        buckets = relative_position_bucket(
+            k_pos - q_pos,
+            bidirectional=not self.is_decoder,
+            num_buckets=self.config.relative_attention_num_buckets,
+            max_distance=self.config.relative_attention_max_distance,
+        )  # (Q, K)
+        return self.relative_bias(buckets).permute(2, 0, 1).unsqueeze(0)
+
+    def forward(self, x, mask=None, enc=None, enc_mask=None, cache=None):
+        # x: (B, L, C) embedded tokens; mask: (B, L) padding mask of x; enc: (B, S, C) encoder
+        # output and enc_mask: (B, S), decoder only; cache: generation.KVCache when decoding
+        B, L, _ = x.shape
+        backend, dtype = self.config.attention_backend, compute_dtype(x)
+        offset = cache.length if cache is not None else 0
+        # One bias for all layers: relative positions + padding (+ causal) mask, computed once.
+        self_bias = make_attention_bias(
+            backend, self.position_bias(L, offset + L, offset), mask, causal=self.is_decoder and L > 1,
+            query_offset=offset, dtype=dtype,
+        )
+        cross_bias = make_attention_bias(backend, None, enc_mask, dtype=dtype) if self.is_decoder else None
+        x = self.dropout(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, self_bias, enc, cross_bias, cache=cache.layers[i] if cache is not None else None)
+        if cache is not None:
+            cache.advance(L)
+        return self.dropout(self.final_norm(x))
+
+
+class T5(nn.Module):
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = Stack(config, is_decoder=False)
+        self.decoder = Stack(config, is_decoder=True)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Same distributions as transformers' T5 `_init_weights` (Mesh TensorFlow's init)."""
+        c = self.config
+        nn.init.normal_(self.shared.weight, std=1.0)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=1.0)
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, Attention):
+                nn.init.normal_(module.q.weight, std=(c.d_model * c.d_kv) ** -0.5)  # the 1/sqrt(d_kv) lives here
+                nn.init.normal_(module.k.weight, std=c.d_model**-0.5)
+                nn.init.normal_(module.v.weight, std=c.d_model**-0.5)
+                nn.init.normal_(module.o.weight, std=(c.num_heads * c.d_kv) ** -0.5)
+            elif isinstance(module, FeedForward):
+                for name in ("wi", "wi_0", "wi_1"):
+                    if hasattr(module, name):
+                        nn.init.normal_(getattr(module, name).weight, std=c.d_model**-0.5)
+                nn.init.normal_(module.wo.weight, std=c.d_ff**-0.5)
+            elif isinstance(module, Stack):
+                nn.init.normal_(module.relative_bias.weight, std=c.d_model**-0.5)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.shared.weight.numel() + (self.lm_head.weight.numel() if self.lm_head is not None else 0)
+        return n
+
+    # ------------------------------------------------------------------ building blocks
+    def encode(self, input_ids, attention_mask=None):  # (B, S) -> (B, S, C)
+        return self.encoder(self.shared(input_ids), attention_mask)
+
+    def decode(self, decoder_input_ids, enc, attention_mask=None, decoder_attention_mask=None, cache=None):
+        """Decoder logits (B, T, V) for decoder inputs (B, T) given encoder states (B, S, C)."""
+        x = self.decoder(self.shared(decoder_input_ids), decoder_attention_mask, enc, attention_mask, cache=cache)
+        if self.lm_head is None:
+            # Tied embeddings: Mesh TensorFlow rescales before reusing the input embedding as output.
+            return F.linear(x * self.config.d_model**-0.5, self.shared.weight)
+        return self.lm_head(x)
+
+    def shift_right(self, labels):  # (B, T) -> (B, T): start token, then labels[:-1], -100 -> pad
+        shifted = labels.new_full(labels.shape, self.config.decoder_start_token_id)
+        shifted[:, 1:] = labels[:, :-1]
+        return shifted.masked_fill(shifted == -100, self.config.pad_token_id)
+
+    # ------------------------------------------------------------------ training / scoring
+    def forward(
+        self,
+        input_ids,  # (B, S)
+        attention_mask=None,  # (B, S), 1 = token, 0 = padding
+        decoder_input_ids=None,  # (B, T); default: labels shifted right
+        decoder_attention_mask=None,  # (B, T)
+        labels=None,  # (B, T), -100 = ignored
+        loss_reduction: str = "mean",
+    ) -> Seq2SeqOutput:
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("T5.forward needs decoder_input_ids or labels")
+            decoder_input_ids = self.shift_right(labels)
+        enc = self.encode(input_ids, attention_mask)
+        logits = self.decode(decoder_input_ids, enc, attention_mask, decoder_attention_mask)
+        loss = None
+        if labels is not None:
+            if loss_reduction not in ("mean", "sum"):
+                raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+            # fp32 cross-entropy even when the logits are bf16 (autocast would upcast it anyway).
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), labels.reshape(-1),
+                ignore_index=-100, reduction=loss_reduction,
+            )
+        return Seq2SeqOutput(loss=loss, logits=logits, encoder_hidden_states=enc)
+
+    # ------------------------------------------------------------------ inference
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 128, num_beams: int = 1):
+        """Greedy (num_beams=1) or beam search decoder ids (B, N), without the start token, padded
+        with pad_token_id after EOS. Matches transformers' generate(do_sample=False)."""
+        from t5forge.model.generation import generate
+
+        return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, num_beams=num_beams)
