@@ -66,10 +66,10 @@ def count_tokens(batch: dict) -> int:
     return n_in + int((batch["labels"] != -100).sum())
 
 
-def train_step(parts: LoopParts, batches: list[dict], lr: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimizer step over `batches`; returns (summed loss, target tokens, grad norm) as tensors
-    on the device (no host sync here: the caller reads them only when it logs)."""
-    model, world, device = parts.model, parts.world, parts.device
+def train_step(model, optimizer, batches: list[dict], lr: float, *, grad_clip: float, device: torch.device,
+               autocast: Callable[[], Any] = contextlib.nullcontext, world: World = World()):
+    """One optimizer step over the micro-`batches`; returns (summed loss, target tokens, grad norm)
+    as device tensors (no host sync here: the caller reads them only when it logs)."""
     local_targets = sum(int((b["labels"] != -100).sum()) for b in batches)  # host tensors: no device sync
     if local_targets == 0 and not world.distributed:
         raise T5ForgeError("every target token of an optimizer step is padding (-100); check the data")
@@ -81,18 +81,17 @@ def train_step(parts: LoopParts, batches: list[dict], lr: float) -> tuple[torch.
         # DDP all-reduces gradients only on the last micro-step of the optimizer step.
         sync = contextlib.nullcontext() if last or not world.distributed else model.no_sync()
         with sync:
-            with parts.autocast():
+            with autocast():
                 out = model(**batch, loss_reduction="sum")
             # DDP averages gradients over ranks; multiply back so the step's gradient is the
             # gradient of (all ranks' summed loss / all ranks' target tokens).
             (out.loss * (world.world_size / n_targets)).backward()
         loss_sum += out.loss.detach()
-    set_lr(parts.optimizer, lr)
-    clip = parts.cfg.optim.grad_clip
+    set_lr(optimizer, lr)
     params = [p for p in unwrap_model(model).parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-    parts.optimizer.step()
-    parts.optimizer.zero_grad(set_to_none=True)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     return all_reduce_sum(loss_sum, world), n_targets, grad_norm
 
 
@@ -133,7 +132,10 @@ def train(parts: LoopParts, state: TrainState) -> TrainState:
             stopwatch.start()
         batches = [next(parts.train_batches) for _ in range(plan.grad_acc)]
         tokens = sum(count_tokens(b) for b in batches)
-        loss_sum, n_targets, grad_norm = train_step(parts, batches, lr)
+        loss_sum, n_targets, grad_norm = train_step(
+            parts.model, parts.optimizer, batches, lr, grad_clip=cfg.optim.grad_clip, device=parts.device,
+            autocast=parts.autocast, world=parts.world,
+        )
         stopwatch.pause()
         first_step_of_process = False
 
