@@ -44,8 +44,10 @@ def build_loader(cfg: RunConfig, plan, tokenizer, world, split: str):
         tokenizer=tokenizer, dataset=d.dataset or None, dataset_config=d.dataset_config or None,
         files=list(files), text_field=d.text_field, split=split, batch_size=plan.micro_batch_size,
         input_length=plan.input_length, noise_density=d.mlm_probability,
-        mean_noise_span_length=d.mean_noise_span_length, seed=cfg.seed, rank=world.rank,
-        world_size=world.world_size,
+        mean_noise_span_length=d.mean_noise_span_length, seed=cfg.seed,
+        # Held-out: every rank reads the same stream and evaluates its share of it (see
+        # held_out_evaluator), so the evaluation set does not change with the number of ranks.
+        rank=world.rank if split == "train" else 0, world_size=world.world_size if split == "train" else 1,
         # Held-out batches are few and read once per evaluation: workers would only add start-up time.
         num_workers=d.num_workers if split == "train" else 0,
         pin_memory=torch.cuda.is_available(),
@@ -53,11 +55,12 @@ def build_loader(cfg: RunConfig, plan, tokenizer, world, split: str):
 
 
 def held_out_evaluator(cfg: RunConfig, loader, model, device, autocast, world):
-    """step -> {eval_loss, eval_accuracy, ...} over the first `eval.steps` held-out batches."""
+    """step -> {eval_loss, eval_accuracy, ...} over the first `eval.steps` held-out batches; rank r
+    of W takes batches r, r + W, ... and the sums are all-reduced."""
     from t5forge.eval.loss import evaluate_loss
 
     def evaluate(step: int) -> dict:
-        batches = itertools.islice(iter(loader), cfg.eval.steps)
+        batches = itertools.islice(iter(loader), world.rank, cfg.eval.steps, world.world_size)
         return evaluate_loss(model, batches, device, autocast=autocast, world=world)
 
     return evaluate
