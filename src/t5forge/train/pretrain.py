@@ -90,13 +90,14 @@ def _run(cfg: RunConfig, world) -> int:
             "or start a new run in another out_dir"
         )
 
-    rng.seed_all(cfg.seed)  # same initial weights on every rank
     tokenizer = load_run_tokenizer(cfg)
+    # Data before the model: a wrong path fails in seconds, not after initialising 248M parameters.
+    train_loader = build_loader(cfg, plan, tokenizer, world, "train")
+    eval_loader = build_loader(cfg, plan, tokenizer, world, "validation") if cfg.eval.steps > 0 else None
+    rng.seed_all(cfg.seed)  # same initial weights on every rank
     model = build_model(cfg, tokenizer, device)
     optimizer = build_optimizer(model, cfg.optim)
     lr_at = build_schedule(cfg.optim, total_steps=plan.total_steps)
-    train_loader = build_loader(cfg, plan, tokenizer, world, "train")
-    eval_loader = build_loader(cfg, plan, tokenizer, world, "validation") if cfg.eval.steps > 0 else None
 
     state = TrainState()
     if resume_from is not None:
