@@ -104,7 +104,7 @@ def _download(repo_id: str) -> Path:
     return folder
 
 
-def _resolve(path) -> Path:
+def resolve_model_dir(path) -> Path:
     """The directory that actually holds the weights for `path` (see load_model)."""
     spec = str(path)
     p = Path(spec).expanduser()
@@ -133,7 +133,7 @@ def load_model(path, device="cpu", dtype=None, **overrides):
     directory (its newest complete checkpoint). `overrides` replace T5Config fields, e.g.
     attention_backend="eager" or dropout_rate=0.0. The tokenizer is None if the directory has none."""
     dtype = _parse_dtype(dtype)
-    directory = _resolve(path)
+    directory = resolve_model_dir(path)
     if (directory / CONFIG).is_file():
         model = _load_model_dir(directory, overrides)
         tokenizer = None

@@ -52,6 +52,14 @@ def load_run_tokenizer(cfg: RunConfig):
     """The tokenizer of `data.tokenizer`; with `model.checkpoint_path`, the checkpoint's own when it has one."""
     from t5forge.tokenizer import load_tokenizer
 
+    if cfg.model.checkpoint_path:
+        from t5forge.model.load import resolve_model_dir
+
+        # The directory load_model will read (a model dir, a checkpoint, a run's newest checkpoint).
+        directory = resolve_model_dir(cfg.model.checkpoint_path)
+        if any((directory / name).is_file() for name in ("spiece.model", "tokenizer.json")):
+            log.info("tokenizer: %s (from model.checkpoint_path; data.tokenizer is not used)", directory)
+            return load_tokenizer(directory)
     return load_tokenizer(cfg.data.tokenizer)
 
 

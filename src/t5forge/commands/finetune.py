@@ -1,0 +1,69 @@
+"""`t5forge finetune [task=ft] [config=PATH] [a.b=value ...] [--print-config]`: seq2seq fine-tuning.
+
+The items are resolved on top of the `ft` preset (nanoT5's Tk-Instruct fine-tuning on SNI) by
+`t5forge.config.load_config(argv, base="ft")`; a pre-training config (mode=pt) is refused.
+`--print-config` prints the resolved YAML and exits, otherwise the run goes to
+`t5forge.train.finetune.run_finetune(cfg)`. An empty `out_dir` becomes `runs/finetune-<date>-<time>`.
+
+    t5forge finetune model.checkpoint_path=runs/pt_cpu_c4 finetune.sni_dir=data/sni optim.base_lr=1e-3
+"""
+
+import dataclasses
+import os
+import time
+
+HELP = "fine-tune a T5 on Super-NaturalInstructions or seq2seq files (nanoT5 ft keys: finetune.sni_dir=DIR ...)"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "items", nargs="*", metavar="KEY=VALUE",
+        help="task=PRESET (default ft), config=FILE.yaml and overrides like model.checkpoint_path=RUN_DIR",
+    )
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+
+
+def _show_info_logs() -> None:
+    """Print t5forge's INFO messages (data sizes, truncation counts, resume) on stderr, rank 0 only."""
+    import logging
+
+    logger = logging.getLogger("t5forge")
+    if int(os.environ.get("RANK", "0")) != 0:
+        logger.setLevel(logging.WARNING)
+        return
+    logger.setLevel(logging.INFO)
+    if not any(getattr(h, "_t5forge", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._t5forge = True
+        logger.addHandler(handler)
+
+
+def run(args) -> int:
+    from t5forge.config import config_to_yaml, load_config
+    from t5forge.errors import T5ForgeError
+
+    from t5forge.presets import get_preset
+
+    # The pt presets leave `mode` at its default, so layered on `ft` they would read as fine-tuning.
+    for item in args.items:
+        key, _, name = item.partition("=")
+        if key.strip() == "task" and get_preset(name).get("mode", "pt") != "ft":
+            raise T5ForgeError(f"task={name} is a pre-training preset; run it with `t5forge pretrain`, "
+                               "or fine-tune with task=ft / task=ft_tiny")
+    cfg = load_config(args.items, base="ft")
+    if cfg.mode != "ft":
+        raise T5ForgeError(f"this config is for pre-training (mode={cfg.mode}); run it with `t5forge pretrain`")
+    if args.print_config:
+        print(config_to_yaml(cfg), end="")
+        return 0
+    if not cfg.out_dir:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Ranks would each pick their own timestamp: the run directory must be named up front.
+            raise T5ForgeError("set out_dir=DIR when launching several processes (torchrun)")
+        cfg = dataclasses.replace(cfg, out_dir=time.strftime("runs/finetune-%Y%m%d-%H%M%S"))
+
+    from t5forge.train.finetune import run_finetune
+
+    _show_info_logs()
+    return int(run_finetune(cfg) or 0)

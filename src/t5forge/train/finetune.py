@@ -1,0 +1,240 @@
+"""`t5forge finetune`: supervised seq2seq fine-tuning (Tk-Instruct on SNI, or any seq2seq files) from a RunConfig.
+
+    argv -> RunConfig (mode=ft) -> tokenizer (the starting checkpoint's own when it has one), model
+         -> examples (finetune.sni_dir train/test, or finetune.train_files / validation_files)
+         -> Plan (optim.epochs x ceil(examples / batch) steps) -> FinetuneLoader, optimizer, schedule
+         -> resume (false | auto | path) -> train() -> out_dir/{config.yaml, metrics.jsonl, checkpoints/, eval/}
+
+The training loop, checkpoints, resume and metrics log are those of pre-training (train/loop.py);
+what differs is the data (finite, epoch-based, see data/finetune_loader.py) and the evaluation:
+held-out loss over the first `eval.steps` test batches (of optim.batch_size examples), then greedy generation of
+`finetune.max_target_len` tokens for every test example, scored with the official SNI metrics
+(exact match, Rouge-L), written to out_dir/eval/step-NNNNNNNN/{predictions.jsonl, metrics.json}.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from t5forge.config import RunConfig, config_to_yaml, save_config
+from t5forge.errors import T5ForgeError
+from t5forge.train import rng
+from t5forge.train.checkpoint import Checkpointer, latest, resolve_resume
+from t5forge.train.checkpoint import load as load_checkpoint
+from t5forge.train.distributed import init_world, shutdown, wrap_ddp
+from t5forge.train.loop import LoopParts, train
+from t5forge.train.metrics_log import MetricsLogger
+from t5forge.train.setup import autocast_for, build_model, enable_fast_math, load_run_tokenizer, pick_device
+from t5forge.train.state import TrainState
+
+log = logging.getLogger(__name__)
+
+EVAL_DIR = "eval"
+
+
+def load_finetune_data(cfg: RunConfig, tokenizer) -> tuple[list, list | None, str]:
+    """(training examples, held-out examples or None, a name for the held-out set).
+
+    Truncation counts (prompts and targets longer than finetune.max_seq_len / max_target_len) are
+    logged by the readers; nothing is dropped.
+    """
+    f = cfg.finetune
+    want_eval = cfg.eval.steps > 0
+    if f.sni_dir and f.train_files:
+        raise T5ForgeError("both finetune.sni_dir and finetune.train_files are set; give one source of fine-tuning data")
+    if f.sni_dir:
+        from t5forge.data.instructions import PromptFormat, load_sni
+
+        fmt = PromptFormat(add_task_name=f.add_task_name, add_task_definition=f.add_task_definition,
+                           num_pos_examples=f.num_pos_examples, num_neg_examples=f.num_neg_examples,
+                           add_explanation=f.add_explanation)
+        options = dict(max_num_instances_per_task=f.max_num_instances_per_task, max_source_length=f.max_seq_len,
+                       max_target_length=f.max_target_len, seed=cfg.seed, fmt=fmt)
+        train_examples = load_sni(f.sni_dir, "train", tokenizer, **options)
+        eval_examples = load_sni(f.sni_dir, "test", tokenizer, **options) if want_eval else None
+        return train_examples, eval_examples, f"SNI test ({f.sni_dir})"
+    if f.train_files:
+        from t5forge.data.seq2seq import load_seq2seq_files
+
+        options = dict(input_field=f.input_field, target_field=f.target_field, tokenizer=tokenizer,
+                       max_source_length=f.max_seq_len, max_target_length=f.max_target_len)
+        train_examples = load_seq2seq_files(f.train_files, name="finetune.train_files", **options)
+        eval_examples = None
+        if want_eval and f.validation_files:
+            eval_examples = load_seq2seq_files(f.validation_files, name="finetune.validation_files", **options)
+        return train_examples, eval_examples, "finetune.validation_files"
+    raise T5ForgeError(
+        "no fine-tuning data: set finetune.sni_dir=DIR (Super-NaturalInstructions: splits/default/, tasks/) "
+        "or finetune.train_files=[train.jsonl] (with finetune.input_field / finetune.target_field)"
+    )
+
+
+def build_train_loader(cfg: RunConfig, plan, examples, tokenizer, world):
+    from t5forge.data.finetune_loader import FinetuneLoader
+
+    return FinetuneLoader(
+        examples, tokenizer, batch_size=plan.batch_size, grad_acc=plan.grad_acc, rank=world.rank,
+        world_size=world.world_size, max_source_length=cfg.finetune.max_seq_len,
+        max_target_length=cfg.finetune.max_target_len, seed=cfg.seed, train=True,
+    )
+
+
+def generation_metrics(model, tokenizer, examples, *, cfg, batch_size, device, autocast, world, out_dir, metadata):
+    """Greedy generation for every held-out example (sharded over ranks), scored on rank 0's copy of all
+    predictions; predictions.jsonl and metrics.json go to `out_dir` (rank 0). Returns the flat numbers."""
+    from t5forge.eval.generation import generate_predictions, write_evaluation
+    from t5forge.eval.metrics import compute_metrics_for_examples
+
+    mine = examples[world.rank :: world.world_size]
+    records = generate_predictions(
+        model, tokenizer, mine, batch_size=batch_size, max_source_length=cfg.finetune.max_seq_len,
+        max_new_tokens=cfg.finetune.max_target_len, num_beams=1, device=device, autocast=autocast,
+    ) if mine else []
+    if world.distributed:
+        gathered = [None] * world.world_size
+        torch.distributed.all_gather_object(gathered, records)
+        records = [None] * len(examples)
+        for rank, part in enumerate(gathered):
+            records[rank :: world.world_size] = part
+    metrics = compute_metrics_for_examples([r["prediction"] for r in records], examples)
+    if world.is_main:
+        write_evaluation(out_dir, metrics, records, metadata)
+    return {"rougeL": metrics["rougeL"], "exact_match": metrics["exact_match"], "gen_examples": metrics["num_examples"]}
+
+
+def finetune_evaluator(cfg: RunConfig, plan, examples, name, tokenizer, model, device, autocast, world, run_dir):
+    """step -> {eval_loss, eval_accuracy, eval_tokens, rougeL, exact_match, gen_examples, eval_seconds}."""
+    from t5forge.data.finetune_loader import FinetuneLoader
+    from t5forge.eval.loss import evaluate_loss
+
+    try:
+        import t5forge.eval.generation  # noqa: F401  (generation metrics are added when it is installed)
+        can_generate = True
+    except ModuleNotFoundError as err:
+        if err.name != "t5forge.eval.generation":
+            raise
+        can_generate = False
+        if world.is_main:
+            print("t5forge.eval.generation is not available: evaluating the held-out loss only")
+
+    def evaluate(step: int) -> dict:
+        t0 = time.perf_counter()
+        # The first reference of every example, in file order, one pass: the same batches every time.
+        # An evaluation batch is one optimizer step's worth (optim.batch_size) split over the ranks,
+        # without gradient accumulation, so eval.steps means the same examples at any world size.
+        loader = FinetuneLoader(
+            examples, tokenizer, batch_size=plan.batch_size, rank=world.rank,
+            world_size=world.world_size, max_source_length=cfg.finetune.max_seq_len,
+            max_target_length=cfg.finetune.max_target_len, seed=cfg.seed, train=False,
+        )
+        metrics = evaluate_loss(model, itertools.islice(iter(loader), cfg.eval.steps), device,
+                                autocast=autocast, world=world)
+        if can_generate:
+            metadata = {"step": step, "data": name, "run_dir": str(run_dir)}
+            metrics.update(generation_metrics(
+                model, tokenizer, examples, cfg=cfg, batch_size=plan.micro_batch_size, device=device,
+                autocast=autocast, world=world, out_dir=run_dir / EVAL_DIR / f"step-{step:08d}", metadata=metadata,
+            ))
+        metrics["eval_seconds"] = time.perf_counter() - t0
+        return metrics
+
+    return evaluate
+
+
+def _track_epochs(loader, state: TrainState):
+    """The loader's batches, keeping state.epoch (completed passes) current for train_state.json."""
+    for batch in loader:
+        state.epoch = loader.epochs_completed
+        yield batch
+
+
+def run_finetune(cfg: RunConfig) -> int:
+    if cfg.mode != "ft":
+        raise T5ForgeError(f"mode={cfg.mode} is a pre-training config; run it with `t5forge pretrain`")
+    device_type = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    world = init_world(device_type)
+    try:
+        return _run(cfg, world)
+    finally:
+        shutdown(world)
+
+
+def _run(cfg: RunConfig, world) -> int:
+    from t5forge.optim.build import build_optimizer, build_schedule
+    from t5forge.plan import make_plan
+
+    device = pick_device(cfg.device, world.local_rank)
+    enable_fast_math(device)
+    run_dir = Path(cfg.out_dir)
+    resume_from = resolve_resume(cfg.resume, run_dir)
+    if resume_from is None and latest(run_dir) is not None:
+        raise T5ForgeError(
+            f"{run_dir} already holds checkpoints ({latest(run_dir).name}); continue it with resume=auto "
+            "or start a new run in another out_dir"
+        )
+
+    tokenizer = load_run_tokenizer(cfg)
+    train_examples, eval_examples, eval_name = load_finetune_data(cfg, tokenizer)
+    plan = make_plan(cfg, world_size=world.world_size, train_examples=len(train_examples))
+
+    rng.seed_all(cfg.seed)  # same initial weights on every rank (a fresh model)
+    model = build_model(cfg, tokenizer, device)
+    optimizer = build_optimizer(model, cfg.optim)
+    lr_at = build_schedule(cfg.optim, total_steps=plan.total_steps)
+    train_loader = build_train_loader(cfg, plan, train_examples, tokenizer, world)
+
+    state = TrainState()
+    if resume_from is not None:
+        state, rng_state, data_state = load_checkpoint(
+            resume_from, model, optimizer, rank=world.rank, world_size=world.world_size
+        )
+        train_loader.load_state_dict(data_state)
+        rng.restore(rng_state)
+        log.info("resumed from %s at step %d", resume_from, state.step)
+    else:
+        rng.seed_all(cfg.seed + 1 + world.rank)  # dropout differs across ranks
+
+    autocast = autocast_for(cfg.precision, device)
+    train_model = wrap_ddp(model, world, device)
+    if cfg.model.compile:
+        train_model = torch.compile(train_model)
+
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        epochs = f"{cfg.optim.epochs} epoch(s) of " if cfg.optim.epochs > 0 else ""
+        held_out = f"{len(eval_examples)} held-out ({eval_name})" if eval_examples else "no held-out set"
+        print(f"run directory: {run_dir}\n{plan.summary()}\n"
+              f"data: {epochs}{len(train_examples)} training examples ({train_loader.steps_per_epoch} steps per epoch), "
+              f"{held_out}\nmodel: {model.num_parameters():,} parameters")
+    logger = MetricsLogger(
+        run_dir, tensorboard=cfg.logging.tensorboard, resume_step=state.step if resume_from else None,
+        total_steps=plan.total_steps, enabled=world.is_main,
+    )
+    evaluate = None
+    if eval_examples:
+        evaluate = finetune_evaluator(cfg, plan, eval_examples, eval_name, tokenizer, model, device, autocast,
+                                      world, run_dir)
+    elif world.is_main and cfg.eval.steps > 0:
+        print("no held-out data (finetune.validation_files is empty): training without evaluation")
+
+    parts = LoopParts(
+        cfg=cfg, plan=plan, model=train_model, tokenizer=tokenizer, optimizer=optimizer, lr_at=lr_at,
+        train_batches=_track_epochs(train_loader, state), data_state=train_loader.state_dict, evaluate=evaluate,
+        checkpointer=Checkpointer(run_dir, keep_last=cfg.checkpoint.keep_last or None, world=world),
+        logger=logger, world=world, device=device, autocast=autocast, config_text=config_to_yaml(cfg),
+        # Padded lengths vary per batch: a FLOPs count from the maximum lengths would overstate MFU.
+        flops_per_step=None, peak_flops=None,
+    )
+    with logger:
+        state = train(parts, state)
+    if world.is_main:
+        best = f", best eval loss {state.best_eval_loss:.4f} at step {state.best_eval_step}" if state.best_eval_loss else ""
+        print(f"done: {state.step} steps ({state.epoch} epoch(s)), {state.examples_seen:,} examples, "
+              f"{state.elapsed_train_seconds:.0f}s of training{best}; checkpoints in {run_dir / 'checkpoints'}")
+    return 0
