@@ -387,7 +387,8 @@ def config_to_dict(cfg: RunConfig) -> dict:
 def config_to_yaml(cfg: RunConfig) -> str:
     """The resolved config as YAML; `load_config(["config=FILE"])` gives back an equal RunConfig."""
     body = _omegaconf().to_yaml(_omegaconf().create(config_to_dict(cfg)), sort_keys=False)
-    return "# t5forge run config (resolved). Reproduce: t5forge pretrain config=THIS_FILE\n" + body
+    command = "pretrain" if cfg.mode == "pt" else "finetune"
+    return f"# t5forge run config (resolved). Reproduce: t5forge {command} config=THIS_FILE\n" + body
 
 
 def save_config(cfg: RunConfig, path) -> None:
