@@ -4,7 +4,6 @@ real SNI subset; checkpoints, metrics.jsonl, generation evaluation (Rouge-L) and
 import json
 import logging
 
-import pytest
 import torch
 from safetensors.torch import load_file
 

@@ -3,7 +3,6 @@ time budget, the saved config reproducing the run, plots, and refusing to overwr
 
 import json
 
-import pytest
 
 from t5forge.cli import main
 from t5forge.config import config_to_yaml, load_config

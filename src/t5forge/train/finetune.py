@@ -17,19 +17,18 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from pathlib import Path
 
 import torch
 
-from t5forge.config import RunConfig, config_to_yaml, save_config
+from t5forge.config import RunConfig, config_to_yaml
 from t5forge.errors import T5ForgeError
 from t5forge.train import rng
-from t5forge.train.checkpoint import Checkpointer, latest, resolve_resume
-from t5forge.train.checkpoint import load as load_checkpoint
-from t5forge.train.distributed import init_world, shutdown, wrap_ddp
+from t5forge.train.checkpoint import Checkpointer
 from t5forge.train.loop import LoopParts, train
-from t5forge.train.metrics_log import MetricsLogger
-from t5forge.train.setup import autocast_for, build_model, enable_fast_math, load_run_tokenizer, pick_device
+from t5forge.train.setup import (
+    autocast_for, build_model, enable_fast_math, launch, load_run_tokenizer, open_run_dir, pick_device,
+    resume_or_seed, start_run_files, training_model,
+)
 from t5forge.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -156,12 +155,7 @@ def _track_epochs(loader, state: TrainState):
 def run_finetune(cfg: RunConfig) -> int:
     if cfg.mode != "ft":
         raise T5ForgeError(f"mode={cfg.mode} is a pre-training config; run it with `t5forge pretrain`")
-    device_type = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-    world = init_world(device_type)
-    try:
-        return _run(cfg, world)
-    finally:
-        shutdown(world)
+    return launch(cfg, _run)
 
 
 def _run(cfg: RunConfig, world) -> int:
@@ -170,13 +164,7 @@ def _run(cfg: RunConfig, world) -> int:
 
     device = pick_device(cfg.device, world.local_rank)
     enable_fast_math(device)
-    run_dir = Path(cfg.out_dir)
-    resume_from = resolve_resume(cfg.resume, run_dir)
-    if resume_from is None and latest(run_dir) is not None:
-        raise T5ForgeError(
-            f"{run_dir} already holds checkpoints ({latest(run_dir).name}); continue it with resume=auto "
-            "or start a new run in another out_dir"
-        )
+    run_dir, resume_from = open_run_dir(cfg)
 
     tokenizer = load_run_tokenizer(cfg)
     train_examples, eval_examples, eval_name = load_finetune_data(cfg, tokenizer)
@@ -188,33 +176,15 @@ def _run(cfg: RunConfig, world) -> int:
     lr_at = build_schedule(cfg.optim, total_steps=plan.total_steps)
     train_loader = build_train_loader(cfg, plan, train_examples, tokenizer, world)
 
-    state = TrainState()
-    if resume_from is not None:
-        state, rng_state, data_state = load_checkpoint(
-            resume_from, model, optimizer, rank=world.rank, world_size=world.world_size
-        )
-        train_loader.load_state_dict(data_state)
-        rng.restore(rng_state)
-        log.info("resumed from %s at step %d", resume_from, state.step)
-    else:
-        rng.seed_all(cfg.seed + 1 + world.rank)  # dropout differs across ranks
+    state = resume_or_seed(resume_from, cfg, model, optimizer, train_loader, world)
 
     autocast = autocast_for(cfg.precision, device)
-    train_model = wrap_ddp(model, world, device)
-    if cfg.model.compile:
-        train_model = torch.compile(train_model)
-
-    if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        epochs = f"{cfg.optim.epochs} epoch(s) of " if cfg.optim.epochs > 0 else ""
-        held_out = f"{len(eval_examples)} held-out ({eval_name})" if eval_examples else "no held-out set"
-        print(f"run directory: {run_dir}\n{plan.summary()}\n"
-              f"data: {epochs}{len(train_examples)} training examples ({train_loader.steps_per_epoch} steps per epoch), "
-              f"{held_out}\nmodel: {model.num_parameters():,} parameters")
-    logger = MetricsLogger(
-        run_dir, tensorboard=cfg.logging.tensorboard, resume_step=state.step if resume_from else None,
-        total_steps=plan.total_steps, enabled=world.is_main,
+    epochs = f"{cfg.optim.epochs} epoch(s) of " if cfg.optim.epochs > 0 else ""
+    held_out = f"{len(eval_examples)} held-out ({eval_name})" if eval_examples else "no held-out set"
+    logger = start_run_files(
+        cfg, run_dir, state, resume_from is not None, plan.total_steps, world,
+        f"{plan.summary()}\ndata: {epochs}{len(train_examples)} training examples "
+        f"({train_loader.steps_per_epoch} steps per epoch), {held_out}\nmodel: {model.num_parameters():,} parameters",
     )
     evaluate = None
     if eval_examples:
@@ -224,7 +194,8 @@ def _run(cfg: RunConfig, world) -> int:
         print("no held-out data (finetune.validation_files is empty): training without evaluation")
 
     parts = LoopParts(
-        cfg=cfg, plan=plan, model=train_model, tokenizer=tokenizer, optimizer=optimizer, lr_at=lr_at,
+        cfg=cfg, plan=plan, model=training_model(model, cfg, world, device), tokenizer=tokenizer,
+        optimizer=optimizer, lr_at=lr_at,
         train_batches=_track_epochs(train_loader, state), data_state=train_loader.state_dict, evaluate=evaluate,
         checkpointer=Checkpointer(run_dir, keep_last=cfg.checkpoint.keep_last or None, world=world),
         logger=logger, world=world, device=device, autocast=autocast, config_text=config_to_yaml(cfg),

@@ -91,3 +91,78 @@ def build_model(cfg: RunConfig, tokenizer, device: torch.device) -> torch.nn.Mod
             "(a multiple of 128 is fastest)"
         )
     return model.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps every run takes around its own data and evaluation (pretrain.py, finetune.py).
+
+
+def launch(cfg: RunConfig, run) -> int:
+    """Join the torchrun process group (if any), call `run(cfg, world)`, leave the group."""
+    from t5forge.train.distributed import init_world, shutdown
+
+    on_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    world = init_world("cuda" if on_gpu else "cpu")
+    try:
+        return run(cfg, world)
+    finally:
+        shutdown(world)
+
+
+def open_run_dir(cfg: RunConfig):
+    """(run_dir, checkpoint to resume from or None); refuses to start afresh over existing checkpoints."""
+    from pathlib import Path
+
+    from t5forge.train.checkpoint import latest, resolve_resume
+
+    run_dir = Path(cfg.out_dir)
+    resume_from = resolve_resume(cfg.resume, run_dir)
+    if resume_from is None and latest(run_dir) is not None:
+        raise T5ForgeError(
+            f"{run_dir} already holds checkpoints ({latest(run_dir).name}); continue it with resume=auto "
+            "or start a new run in another out_dir"
+        )
+    return run_dir, resume_from
+
+
+def resume_or_seed(resume_from, cfg: RunConfig, model, optimizer, loader, world):
+    """The TrainState to start from: the checkpoint's (weights, optimizer, data position and RNGs
+    restored), or a fresh one with this rank's dropout seed. Call after everything is built, so
+    nothing built afterwards draws from the restored RNGs."""
+    from t5forge.train import rng
+    from t5forge.train.checkpoint import load as load_checkpoint
+    from t5forge.train.state import TrainState
+
+    if resume_from is None:
+        rng.seed_all(cfg.seed + 1 + world.rank)  # dropout differs across ranks
+        return TrainState()
+    state, rng_state, data_state = load_checkpoint(
+        resume_from, model, optimizer, rank=world.rank, world_size=world.world_size
+    )
+    loader.load_state_dict(data_state)
+    rng.restore(rng_state)
+    log.info("resumed from %s at step %d", resume_from, state.step)
+    return state
+
+
+def training_model(model, cfg: RunConfig, world, device):
+    """The module the loop calls: DDP-wrapped under torchrun, compiled with model.compile."""
+    from t5forge.train.distributed import wrap_ddp
+
+    wrapped = wrap_ddp(model, world, device)
+    return torch.compile(wrapped) if cfg.model.compile else wrapped
+
+
+def start_run_files(cfg: RunConfig, run_dir, state, resumed: bool, total_steps: int, world, summary: str):
+    """Write config.yaml and print the run summary (rank 0); return the MetricsLogger (a no-op elsewhere)."""
+    from t5forge.config import save_config
+    from t5forge.train.metrics_log import MetricsLogger
+
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        print(f"run directory: {run_dir}\n{summary}")
+    return MetricsLogger(
+        run_dir, tensorboard=cfg.logging.tensorboard, resume_step=state.step if resumed else None,
+        total_steps=total_steps, enabled=world.is_main,
+    )
