@@ -391,6 +391,20 @@ def config_to_yaml(cfg: RunConfig) -> str:
     return f"# t5forge run config (resolved). Reproduce: t5forge {command} config=THIS_FILE\n" + body
 
 
+def with_run_dir(cfg: RunConfig, command: str) -> RunConfig:
+    """`cfg` with an empty `out_dir` named `runs/<command>-<date>-<time>`, so the saved config
+    names the directory the run really writes."""
+    if cfg.out_dir:
+        return cfg
+    import os
+    import time
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Ranks would each pick their own timestamp: the run directory must be named up front.
+        raise T5ForgeError("set out_dir=DIR when launching several processes (torchrun)")
+    return dataclasses.replace(cfg, out_dir=time.strftime(f"runs/{command}-%Y%m%d-%H%M%S"))
+
+
 def save_config(cfg: RunConfig, path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

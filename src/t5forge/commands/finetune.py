@@ -8,9 +8,7 @@ The items are resolved on top of the `ft` preset (nanoT5's Tk-Instruct fine-tuni
     t5forge finetune model.checkpoint_path=runs/pt_cpu_c4 finetune.sni_dir=data/sni optim.base_lr=1e-3
 """
 
-import dataclasses
 import os
-import time
 
 HELP = "fine-tune a T5 on Super-NaturalInstructions or seq2seq files (nanoT5 ft keys: finetune.sni_dir=DIR ...)"
 
@@ -40,7 +38,7 @@ def _show_info_logs() -> None:
 
 
 def run(args) -> int:
-    from t5forge.config import config_to_yaml, load_config
+    from t5forge.config import config_to_yaml, load_config, with_run_dir
     from t5forge.errors import T5ForgeError
 
     from t5forge.presets import get_preset
@@ -57,11 +55,7 @@ def run(args) -> int:
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
-    if not cfg.out_dir:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # Ranks would each pick their own timestamp: the run directory must be named up front.
-            raise T5ForgeError("set out_dir=DIR when launching several processes (torchrun)")
-        cfg = dataclasses.replace(cfg, out_dir=time.strftime("runs/finetune-%Y%m%d-%H%M%S"))
+    cfg = with_run_dir(cfg, "finetune")
 
     from t5forge.train.finetune import run_finetune
 

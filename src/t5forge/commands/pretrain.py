@@ -6,9 +6,6 @@ The items are resolved by `t5forge.config.load_config` (defaults < preset < file
 so that the saved config names the directory the run really wrote.
 """
 
-import dataclasses
-import os
-import time
 
 HELP = "pre-train a T5 with span corruption (nanoT5 keys: task=pt_8h optim.base_lr=2e-2 ...)"
 
@@ -24,7 +21,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from t5forge.config import config_to_yaml, describe_keys, load_config
+    from t5forge.config import config_to_yaml, describe_keys, load_config, with_run_dir
     from t5forge.errors import T5ForgeError
     from t5forge.presets import DESCRIPTIONS
 
@@ -43,16 +40,8 @@ def run(args) -> int:
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
-    if not cfg.out_dir:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # Ranks would each pick their own timestamp: the run directory must be named up front.
-            raise T5ForgeError("set out_dir=DIR when launching several processes (torchrun)")
-        cfg = dataclasses.replace(cfg, out_dir=time.strftime("runs/pretrain-%Y%m%d-%H%M%S"))
+    cfg = with_run_dir(cfg, "pretrain")
 
-    try:
-        from t5forge.train.pretrain import run_pretrain
-    except ModuleNotFoundError as err:
-        if err.name not in ("t5forge.train.pretrain", "t5forge.train"):
-            raise
-        raise T5ForgeError("training is not available yet in this build (t5forge.train.pretrain is missing)") from None
+    from t5forge.train.pretrain import run_pretrain
+
     return int(run_pretrain(cfg) or 0)
