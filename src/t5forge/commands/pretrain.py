@@ -42,6 +42,10 @@ def run(args) -> int:
         return 0
     cfg = with_run_dir(cfg, "pretrain")
 
-    from t5forge.train.pretrain import run_pretrain
-
+    try:
+        from t5forge.train.pretrain import run_pretrain
+    except ModuleNotFoundError as err:
+        if err.name not in ("t5forge.train.pretrain", "t5forge.train"):
+            raise
+        raise T5ForgeError("training is not available yet in this build (t5forge.train.pretrain is missing)") from None
     return int(run_pretrain(cfg) or 0)
