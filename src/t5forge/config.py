@@ -29,7 +29,7 @@ OPTIMIZERS = ("adamwscale", "adamw", "adafactor")
 LR_SCHEDULERS = ("cosine", "legacy", "inverse_sqrt", "constant", "linear")
 PRECISIONS = ("bf16", "fp32")
 MODES = ("pt", "ft")
-ATTENTIONS = ("sdpa", "eager")
+ATTENTIONS = ("sdpa", "eager", "flex")
 
 
 def _key(default, doc: str):
@@ -47,7 +47,7 @@ class ModelConfig:
                                 "continued pre-training / fine-tuning; '' = none")
     random_init: bool = _key(True, "without checkpoint_path: true = fresh weights, false = model.name's pretrained weights")
     compile: bool = _key(False, "torch.compile the model")
-    attention: str = _key("sdpa", "attention back end: sdpa | eager")
+    attention: str = _key("sdpa", "attention back end: sdpa | eager | flex (FlexAttention, GPU training)")
     dropout_rate: float = _key(0.0, "dropout everywhere (nanoT5 overwrites T5's 0.1 with 0.0)")
     # Architecture overrides on top of model.name (null = keep the named architecture's value).
     vocab_size: Optional[int] = _key(None, "override: embedding rows (>= tokenizer vocab; 32128 for T5)")

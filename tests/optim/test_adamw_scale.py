@@ -23,8 +23,12 @@ def reference_adamw_scale(p0, grads, lr, wd, betas=(0.9, 0.999), eps=1e-6):
     return p
 
 
+IMPLEMENTATIONS = AdamWScale.IMPLEMENTATIONS
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("wd", [0.0, 0.1])
-def test_matches_reference_over_several_steps(wd):
+def test_matches_reference_over_several_steps(wd, implementation):
     rng = np.random.default_rng(0)
     shapes = {"matrix": (5, 3), "vector": (4,), "tiny_rms": (6,)}
     init = {k: rng.normal(size=s) for k, s in shapes.items()}
@@ -32,7 +36,7 @@ def test_matches_reference_over_several_steps(wd):
     grads = {k: [rng.normal(size=s) for _ in range(5)] for k, s in shapes.items()}
 
     params = {k: torch.nn.Parameter(torch.tensor(v, dtype=torch.float64)) for k, v in init.items()}
-    opt = AdamWScale(list(params.values()), lr=2e-2, weight_decay=wd)
+    opt = AdamWScale(list(params.values()), lr=2e-2, weight_decay=wd, implementation=implementation)
     for i in range(5):
         for k, p in params.items():
             p.grad = torch.tensor(grads[k][i])
@@ -69,3 +73,34 @@ def test_state_dict_roundtrip_continues_identically():
         opt_a.step()
         opt_c.step()
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_default_implementation_is_fused_on_cpu():
+    assert AdamWScale([torch.nn.Parameter(torch.ones(2))]).implementation is None  # chosen per device
+    with pytest.raises(ValueError, match="implementation"):
+        AdamWScale([torch.nn.Parameter(torch.ones(2))], implementation="fast")
+
+
+@pytest.mark.parametrize("implementation", ["fused", "foreach"])
+def test_implementations_agree_with_the_loop_in_mixed_precision_groups(implementation):
+    # One group holding fp32 and bf16 parameters (foreach kernels group them by dtype internally);
+    # one parameter without a gradient is skipped.
+    torch.manual_seed(0)
+    shapes, dtypes = [(64, 32), (32,), (8, 8)], [torch.float32, torch.bfloat16, torch.float32]
+    ref = [torch.nn.Parameter(torch.randn(s).to(d)) for s, d in zip(shapes, dtypes)]
+    got = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    frozen = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))]
+    opt_ref = AdamWScale(ref + frozen[:1], lr=1e-2, weight_decay=0.1, implementation="loop")
+    opt = AdamWScale(got + frozen[1:], lr=1e-2, weight_decay=0.1, implementation=implementation)
+    start = [p.detach().float().clone() for p in ref]
+    for _ in range(3):
+        for a, b in zip(ref, got):
+            g = torch.randn(a.shape).to(a.dtype)
+            a.grad, b.grad = g.clone(), g.clone()
+        opt_ref.step()
+        opt.step()
+    for a, b, s in zip(ref, got, start):
+        tol = {"rtol": 1e-5, "atol": 1e-6} if a.dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+        torch.testing.assert_close(b.float(), a.float(), **tol)
+        assert (a.float() - s).abs().max() > 1e-3
+    assert torch.equal(frozen[1], torch.ones(3)) and not opt.state[frozen[1]]

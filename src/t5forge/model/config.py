@@ -14,7 +14,7 @@ from pathlib import Path
 
 from t5forge.errors import T5ForgeError
 
-ATTENTION_BACKENDS = ("eager", "sdpa")
+ATTENTION_BACKENDS = ("eager", "sdpa", "flex")
 # The activations HF's T5 knows ("gated-" prefixed or not). HF maps "gated-gelu" to the tanh
 # approximation ("gelu_new") for backwards compatibility; plain "gelu" is the exact erf GELU.
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
@@ -38,7 +38,7 @@ class T5Config:
     pad_token_id: int = 0
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
-    attention_backend: str = "sdpa"  # t5forge only: "eager" | "sdpa"
+    attention_backend: str = "sdpa"  # t5forge only: "eager" | "sdpa" | "flex" (FlexAttention, GPU)
 
     def __post_init__(self):
         if self.num_decoder_layers is None:

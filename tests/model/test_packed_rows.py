@@ -1,0 +1,118 @@
+"""Packed rows (several examples per row, told apart by segment ids) against the padded batch of
+the same examples: same summed loss, same gradients, same per-token logits, for every back end."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from t5forge.model.config import T5Config
+from t5forge.model.t5 import T5
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+# (source length, target length) of five examples; packed into two rows: [0, 1, 2] and [3, 4].
+LENGTHS = [(7, 3), (12, 5), (4, 2), (20, 6), (9, 4)]
+ROWS = [[0, 1, 2], [3, 4]]
+
+
+def examples(vocab: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(2, vocab, (s,), generator=g), torch.randint(2, vocab, (t,), generator=g))
+            for s, t in LENGTHS]
+
+
+def padded(exs):
+    S, T = max(len(s) for s, _ in exs), max(len(t) for _, t in exs)
+    input_ids, mask = torch.zeros(len(exs), S, dtype=torch.long), torch.zeros(len(exs), S, dtype=torch.long)
+    labels = torch.full((len(exs), T), -100)
+    for i, (s, t) in enumerate(exs):
+        input_ids[i, :len(s)], mask[i, :len(s)], labels[i, :len(t)] = s, 1, t
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def packed(exs, rows=ROWS, width_pad=3):
+    S = max(sum(len(exs[i][0]) for i in r) for r in rows) + width_pad  # padding at the end of each row
+    T = max(sum(len(exs[i][1]) for i in r) for r in rows) + width_pad
+    out = {"input_ids": torch.zeros(len(rows), S, dtype=torch.long), "labels": torch.full((len(rows), T), -100),
+               "encoder_segment_ids": torch.zeros(len(rows), S, dtype=torch.long),
+               "decoder_segment_ids": torch.zeros(len(rows), T, dtype=torch.long)}
+    where = {}  # example -> (row, target start)
+    for r, members in enumerate(rows):
+        s_at = t_at = 0
+        for seg, i in enumerate(members, start=1):
+            s, t = exs[i]
+            out["input_ids"][r, s_at:s_at + len(s)] = s
+            out["encoder_segment_ids"][r, s_at:s_at + len(s)] = seg
+            out["labels"][r, t_at:t_at + len(t)] = t
+            out["decoder_segment_ids"][r, t_at:t_at + len(t)] = seg
+            where[i] = (r, t_at)
+            s_at, t_at = s_at + len(s), t_at + len(t)
+    return out, where
+
+
+def model(backend: str, name: str = "tiny", **overrides) -> T5:
+    torch.manual_seed(0)
+    config = dataclasses.replace(T5Config.from_name(name, vocab_size=128, dropout_rate=0.0, **overrides),
+                                 attention_backend=backend)
+    return T5(config)
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_packed_loss_and_gradients_equal_the_padded_batch(backend, tied):
+    m = model(backend, tie_word_embeddings=tied, feed_forward_proj="relu" if tied else "gated-gelu")
+    exs = examples(128)
+    ref = m(**padded(exs), loss_reduction="sum").loss
+    ref_grads = torch.autograd.grad(ref, list(m.parameters()))
+    batch, _ = packed(exs)
+    loss = m(**batch, loss_reduction="sum").loss
+    grads = torch.autograd.grad(loss, list(m.parameters()))
+    torch.testing.assert_close(loss, ref, **TOL)
+    for (name, _), g, want in zip(m.named_parameters(), grads, ref_grads):
+        assert (g - want).abs().max() <= 1e-5 * max(want.abs().max(), 1e-3), name
+    assert all(g.abs().sum() > 0 for g in ref_grads)  # every parameter takes part (relative biases too)
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])
+def test_packed_logits_of_every_target_token_equal_the_padded_batch(backend):
+    m = model(backend).eval()
+    exs = examples(128, seed=1)
+    batch, where = packed(exs)
+    with torch.no_grad():
+        ref = m(**padded(exs)).logits
+        out = m(**batch).logits
+    for i, (_, t) in enumerate(exs):
+        r, at = where[i]
+        torch.testing.assert_close(out[r, at:at + len(t)], ref[i, :len(t)], **TOL)
+
+
+def test_packed_rows_reach_beyond_the_bucket_range_of_one_example():
+    # Rows long enough that in-row distances fall into the log-spaced buckets: the translation
+    # argument (same-example distances are the same in the row) must still give equal losses.
+    m = model("sdpa", relative_attention_num_buckets=8, relative_attention_max_distance=16)
+    g = torch.Generator().manual_seed(2)
+    exs = [(torch.randint(2, 128, (s,), generator=g), torch.randint(2, 128, (t,), generator=g))
+           for s, t in [(30, 9), (25, 11), (40, 7)]]
+    with torch.no_grad():
+        ref = m(**padded(exs), loss_reduction="sum").loss
+        loss = m(**packed(exs, rows=[[0, 1, 2]])[0], loss_reduction="sum").loss
+    torch.testing.assert_close(loss, ref, **TOL)
+
+
+def test_packed_shift_right_starts_every_example_with_the_start_token():
+    m = model("eager")
+    labels = torch.tensor([[5, 6, 7, 8, 9, -100]])
+    segments = torch.tensor([[1, 1, 2, 2, 2, 0]])
+    assert m.shift_right(labels, segments).tolist() == [[0, 5, 0, 7, 8, 0]]
+
+
+def test_packed_batch_refuses_masks_alongside_segment_ids():
+    m = model("eager")
+    exs = examples(128)
+    batch, _ = packed(exs)
+    with pytest.raises(ValueError, match="no attention masks"):
+        m(**batch, attention_mask=torch.ones_like(batch["input_ids"]))
+    with pytest.raises(ValueError, match="encoder_segment_ids and decoder_segment_ids"):
+        m(batch["input_ids"], labels=batch["labels"], encoder_segment_ids=batch["encoder_segment_ids"])
