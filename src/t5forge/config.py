@@ -142,6 +142,10 @@ class FinetuneConfig:
     num_pos_examples: int = _key(2, "SNI prompt: positive examples")
     num_neg_examples: int = _key(0, "SNI prompt: negative examples")
     add_explanation: bool = _key(False, "SNI prompt: example explanations")
+    pack: bool = _key(False, "padding-free training batches: several examples per row, same loss as padded")
+    pack_source_len: int = _key(0, "packed row capacity in encoder tokens, at least the micro-batch's longest "
+                                "source (0 = just that; longer rows pay off with attention=flex)")
+    pack_target_len: int = _key(0, "packed row capacity in target tokens, at least the micro-batch's longest target")
 
 
 @dataclass(frozen=True)
@@ -503,6 +507,8 @@ def validate(cfg: RunConfig) -> None:
     _at_least("finetune.max_num_instances_per_task", f.max_num_instances_per_task, 1)
     _at_least("finetune.num_pos_examples", f.num_pos_examples, 0)
     _at_least("finetune.num_neg_examples", f.num_neg_examples, 0)
+    _at_least("finetune.pack_source_len", f.pack_source_len, 0)
+    _at_least("finetune.pack_target_len", f.pack_target_len, 0)
 
 
 def time_budget_seconds(cfg: RunConfig) -> Optional[float]:

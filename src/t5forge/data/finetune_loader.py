@@ -16,6 +16,9 @@ Training references: with several references, one is drawn per example (Tk-Instr
 `random.choice`) from an RNG keyed by (seed, epoch, step, slot), so a resumed loader draws the same.
 The state is just (epoch, position = micro-batches this rank has yielded in the epoch).
 
+Packed (`pack=True`): each micro-batch holds the same examples, in fewer rows with segment ids
+(data/packing.py); batching, resume state and step accounting do not change.
+
 Training loaders repeat epochs forever (the loop stops by steps); evaluation loaders
 (`train=False`) make one pass in the given order with the first reference of each example.
 """
@@ -28,7 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
-from t5forge.data.seq2seq import Seq2SeqExample, collate_seq2seq
+from t5forge.data.seq2seq import Seq2SeqExample, collate_packed, collate_seq2seq
 from t5forge.errors import T5ForgeError
 
 STATE_VERSION = 1
@@ -39,7 +42,8 @@ class FinetuneLoader:
 
     def __init__(self, examples: Sequence[Seq2SeqExample], tokenizer, *, batch_size: int, max_source_length: int,
                  max_target_length: int, grad_acc: int = 1, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 train: bool = True, pad_to_multiple_of: int | None = None):
+                 train: bool = True, pad_to_multiple_of: int | None = None, pack: bool = False,
+                 pack_source_len: int | None = None, pack_target_len: int | None = None):
         if not examples:
             raise T5ForgeError("the fine-tuning data set is empty; check finetune.sni_dir / finetune.train_files")
         if batch_size < 1 or grad_acc < 1 or batch_size % (grad_acc * world_size):
@@ -54,6 +58,10 @@ class FinetuneLoader:
         self.rank, self.world_size = rank, world_size
         self.max_source_length, self.max_target_length = max_source_length, max_target_length
         self.seed, self.train, self.pad_to_multiple_of = seed, train, pad_to_multiple_of
+        # Packed: the same examples per micro-batch, laid out several to a row (data/packing.py).
+        self.pack = pack
+        # Row capacities; a row is always at least as wide as the micro-batch's longest example.
+        self.pack_source_len, self.pack_target_len = pack_source_len or None, pack_target_len or None
         self.epoch = 0
         self.position = 0  # micro-batches of this rank already yielded in `epoch`
 
@@ -95,10 +103,17 @@ class FinetuneLoader:
             indices = [int(order[step * self.batch_size])]
         # A string seed is hashed (sha512) by random.Random: stable across processes and Python runs.
         rng = random.Random(f"{self.seed}:{epoch}:{step}:{slot}") if self.train else None
-        batch = collate_seq2seq(
-            [self.examples[i] for i in indices], self.tokenizer, self.max_source_length, self.max_target_length,
-            pad_to_multiple_of=self.pad_to_multiple_of, rng=rng,
-        )
+        chosen = [self.examples[i] for i in indices]
+        if self.pack:
+            batch = collate_packed(
+                chosen, self.tokenizer, self.max_source_length, self.max_target_length, self.pack_source_len,
+                self.pack_target_len, pad_to_multiple_of=self.pad_to_multiple_of, rng=rng,
+            )
+        else:
+            batch = collate_seq2seq(
+                chosen, self.tokenizer, self.max_source_length, self.max_target_length,
+                pad_to_multiple_of=self.pad_to_multiple_of, rng=rng,
+            )
         if filler:
             batch["labels"].fill_(-100)  # no target token: no loss, no gradient, the rank still steps
         return batch

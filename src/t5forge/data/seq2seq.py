@@ -5,7 +5,8 @@ examples (data/instructions.py) are the same type with the Tk-Instruct prompt as
 uses one reference per example (`rng.choice`, as Tk-Instruct's collator does); evaluation scores a
 prediction against all of them (eval/metrics.py).
 
-`collate_seq2seq` tokenizes a list of examples into padded tensors. Over-long sequences are cut as
+`collate_seq2seq` tokenizes a list of examples into padded tensors, `collate_packed` into packed
+rows (several examples per row, data/packing.py). Over-long sequences are cut as
 transformers' `truncation=True` does (the first `max_len - 1` tokens, then EOS) and are never
 dropped; `log_truncation` counts them once at load time so the user sees how many were cut.
 """
@@ -222,19 +223,12 @@ def _pad(rows: list[list[int]], value: int, multiple: int | None):
     return out
 
 
-def collate_seq2seq(
-    examples: Sequence,
-    tokenizer,
-    max_source_length: int,
-    max_target_length: int,
-    pad_to_multiple_of: int | None = None,
-    rng: random.Random | None = None,
-) -> dict:
-    """Tokenize and pad a batch: dict(input_ids, attention_mask, labels) as LongTensors.
+def tokenize_seq2seq(examples: Sequence, tokenizer, max_source_length: int, max_target_length: int,
+                     rng: random.Random | None = None) -> tuple[list[list[int]], list[list[int]]]:
+    """(source ids, target ids) of a batch, truncated, EOS included: what padded and packed batches share.
 
-    input_ids are padded with the pad id (0) and attention_mask marks real tokens; labels are padded
-    with -100 so the loss ignores them. With several references per example, `rng.choice` picks the
-    training target (Tk-Instruct draws with `random.choice` per batch); without rng the first one.
+    With several references per example, `rng.choice` picks the training target (Tk-Instruct draws
+    with `random.choice` per batch); without rng the first one.
     """
     if not examples:
         raise ValueError("collate_seq2seq got an empty batch")
@@ -246,7 +240,47 @@ def collate_seq2seq(
     eos = tokenizer.eos_id
     source_ids = [_truncate(ids, max_source_length, eos) for ids in tokenizer.encode_batch(sources)]
     target_ids = [_truncate(ids, max_target_length, eos) for ids in tokenizer.encode_batch(targets)]
+    return source_ids, target_ids
+
+
+def collate_seq2seq(
+    examples: Sequence,
+    tokenizer,
+    max_source_length: int,
+    max_target_length: int,
+    pad_to_multiple_of: int | None = None,
+    rng: random.Random | None = None,
+) -> dict:
+    """Tokenize and pad a batch: dict(input_ids, attention_mask, labels) as LongTensors.
+
+    input_ids are padded with the pad id (0) and attention_mask marks real tokens; labels are padded
+    with -100 so the loss ignores them. `rng`: see tokenize_seq2seq.
+    """
+    source_ids, target_ids = tokenize_seq2seq(examples, tokenizer, max_source_length, max_target_length, rng)
     input_ids = _pad(source_ids, tokenizer.pad_id, pad_to_multiple_of)
     attention_mask = _pad([[1] * len(r) for r in source_ids], 0, pad_to_multiple_of)
     labels = _pad(target_ids, -100, pad_to_multiple_of)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_packed(
+    examples: Sequence,
+    tokenizer,
+    max_source_length: int,
+    max_target_length: int,
+    source_capacity: int | None = None,
+    target_capacity: int | None = None,
+    pad_to_multiple_of: int | None = None,
+    rng: random.Random | None = None,
+) -> dict:
+    """The same examples and token ids as collate_seq2seq, packed several to a row (data/packing.py):
+    dict(input_ids, encoder_segment_ids, labels, decoder_segment_ids). A row's capacity is the
+    batch's longest example, or the given capacity when that is larger. At the batch's longest no
+    row is wider than the padded batch's, so dense attention (cost ~ rows x width^2) never costs
+    more than padded, and the rows saved are all gain."""
+    from t5forge.data.packing import pack_seq2seq
+
+    source_ids, target_ids = tokenize_seq2seq(examples, tokenizer, max_source_length, max_target_length, rng)
+    return pack_seq2seq(source_ids, target_ids, source_capacity=max(source_capacity or 0, *map(len, source_ids)),
+                        target_capacity=max(target_capacity or 0, *map(len, target_ids)), pad_id=tokenizer.pad_id,
+                        pad_to_multiple_of=pad_to_multiple_of)

@@ -79,7 +79,8 @@ def build_train_loader(cfg: RunConfig, plan, examples, tokenizer, world):
     return FinetuneLoader(
         examples, tokenizer, batch_size=plan.batch_size, grad_acc=plan.grad_acc, rank=world.rank,
         world_size=world.world_size, max_source_length=cfg.finetune.max_seq_len,
-        max_target_length=cfg.finetune.max_target_len, seed=cfg.seed, train=True,
+        max_target_length=cfg.finetune.max_target_len, seed=cfg.seed, train=True, pack=cfg.finetune.pack,
+        pack_source_len=cfg.finetune.pack_source_len or None, pack_target_len=cfg.finetune.pack_target_len or None,
     )
 
 

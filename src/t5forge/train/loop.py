@@ -34,7 +34,8 @@ from t5forge.train.timing import Stopwatch
 
 log = logging.getLogger(__name__)
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels")
+MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels",
+                "encoder_segment_ids", "decoder_segment_ids")
 
 
 @dataclass
@@ -61,8 +62,13 @@ class LoopParts:
 
 
 def count_tokens(batch: dict) -> int:
-    """Encoder input tokens + decoder target tokens of a micro-batch, padding excluded."""
-    n_in = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+    """Encoder input tokens + decoder target tokens of a micro-batch, padding excluded (padded or packed)."""
+    if "attention_mask" in batch:
+        n_in = int(batch["attention_mask"].sum())
+    elif "encoder_segment_ids" in batch:
+        n_in = int((batch["encoder_segment_ids"] != 0).sum())
+    else:
+        n_in = batch["input_ids"].numel()
     return n_in + int((batch["labels"] != -100).sum())
 
 

@@ -1,0 +1,175 @@
+"""Padded vs packed (padding-free) fine-tuning batches on the SNI subset: tokens/s at equal loss.
+
+    python benchmarks/finetune_packing.py                       # t5-v1.1-small shape, CPU fp32
+    python benchmarks/finetune_packing.py --shape tiny --steps 2 --rounds 2   # a quick look
+
+The examples are SNI training instances with nanoT5's Tk-Instruct prompts (definition + 2 positive
+examples, max_seq_len 1024, max_target_len 128) and the real T5 vocabulary. Both layouts train the
+same micro-batches of `--batch` examples (drawn by t5forge's FinetuneLoader with one seed; the
+packed loader lays the same examples out several to a row) on the same initial weights, with
+AdamWScale, fp32, dropout 0. The two run INTERLEAVED, one step each per round, and the headline is
+the median of the per-round speed ratio. Tokens/s counts real tokens only (encoder inputs + target
+tokens, padding excluded): the same numerator for both layouts. The first step's summed losses must
+agree (same examples, same weights), or the script stops.
+
+Writes benchmarks/results/finetune_packing-<device>.json and .md (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_throughput import environment  # noqa: E402  (the sibling benchmark's environment record)
+
+from t5forge.data.finetune_loader import FinetuneLoader  # noqa: E402
+from t5forge.data.instructions import load_sni  # noqa: E402
+from t5forge.model.config import T5Config  # noqa: E402
+from t5forge.model.t5 import T5  # noqa: E402
+from t5forge.optim.build import build_optimizer  # noqa: E402
+from t5forge.tokenizer import load_tokenizer  # noqa: E402
+from t5forge.train.loop import count_tokens  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("T5FORGE_DATA", REPO.parent / "shared" / "data")).resolve()
+MAX_SOURCE, MAX_TARGET = 1024, 128
+
+
+def model_config(shape: str) -> T5Config:
+    if shape == "tiny":
+        return T5Config(d_model=256, d_ff=512, num_heads=4, d_kv=64, num_layers=4, dropout_rate=0.0)
+    return T5Config.from_name(f"google/t5-v1_1-{shape}", dropout_rate=0.0)
+
+
+class Side:
+    def __init__(self, name, model, batches, device):
+        from types import SimpleNamespace
+
+        self.name, self.model, self.batches, self.device = name, model.to(device).train(), batches, device
+        self.optimizer = build_optimizer(self.model, SimpleNamespace(name="adamwscale", base_lr=1e-3, weight_decay=0.0))
+        self.times, self.losses = [], []
+
+    def step(self, i: int, record: bool = True) -> float:
+        batch = {k: v.to(self.device) for k, v in self.batches[i].items()}
+        n_targets = int((batch["labels"] != -100).sum())
+        t0 = time.perf_counter()
+        loss = self.model(**batch, loss_reduction="sum").loss
+        (loss / n_targets).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        if record:
+            self.times.append(time.perf_counter() - t0)
+        self.losses.append(float(loss))
+        return float(loss)
+
+
+def layout_stats(batches) -> dict:
+    cells = sum(b["input_ids"].numel() + b["labels"].numel() for b in batches)
+    real = sum(count_tokens(b) for b in batches)
+    return {"rows_per_batch": statistics.mean(b["input_ids"].shape[0] for b in batches),
+            "source_width": statistics.mean(b["input_ids"].shape[1] for b in batches),
+            "target_width": statistics.mean(b["labels"].shape[1] for b in batches),
+            "padding_fraction": 1 - real / cells, "real_tokens_per_batch": real / len(batches)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="small", help="tiny | small | base")
+    parser.add_argument("--batch", type=int, default=16, help="examples per micro-batch")
+    parser.add_argument("--rounds", type=int, default=4, help="timed steps per layout (interleaved)")
+    parser.add_argument("--instances", type=int, default=100, help="SNI instances per training task")
+    parser.add_argument("--pack-source-len", type=int, default=0, help="packed row capacity (0 = batch's longest)")
+    parser.add_argument("--pack-target-len", type=int, default=0, help="packed row capacity (0 = batch's longest)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+
+    tokenizer = load_tokenizer(str(DATA / "t5-spiece" / "spiece.model"))
+    examples = load_sni(DATA / "sni", "train", tokenizer, max_num_instances_per_task=args.instances,
+                        max_source_length=MAX_SOURCE, max_target_length=MAX_TARGET, seed=2137)
+    lengths = [(len(s), len(t)) for s, t in zip(tokenizer.encode_batch([e.source for e in examples]),
+                                                 tokenizer.encode_batch([e.references[0] for e in examples]))]
+    src = sorted(min(s, MAX_SOURCE) for s, _ in lengths)
+    tgt = sorted(min(t, MAX_TARGET) for _, t in lengths)
+
+    def quantiles(xs):
+        return {"mean": round(statistics.mean(xs), 1), "p10": xs[len(xs) // 10], "median": xs[len(xs) // 2],
+                "p90": xs[9 * len(xs) // 10], "max": xs[-1]}
+
+    n = args.rounds + 1  # + one warm-up step
+    common = {"batch_size": args.batch, "max_source_length": MAX_SOURCE, "max_target_length": MAX_TARGET, "seed": 0}
+    padded_loader = iter(FinetuneLoader(examples, tokenizer, **common))
+    packed_loader = iter(FinetuneLoader(examples, tokenizer, pack=True, pack_source_len=args.pack_source_len,
+                                        pack_target_len=args.pack_target_len, **common))
+    padded = [next(padded_loader) for _ in range(n)]
+    packed = [next(packed_loader) for _ in range(n)]
+
+    torch.manual_seed(0)
+    model = T5(model_config(args.shape))
+    sides = [Side("padded", model, padded, device), Side("packed", copy.deepcopy(model), packed, device)]
+    first = [s.step(0, record=False) for s in sides]
+    if abs(first[0] - first[1]) > 1e-4 * abs(first[0]):
+        raise SystemExit(f"first-step summed losses differ: padded {first[0]:.4f}, packed {first[1]:.4f}")
+    for r in range(1, n):
+        for side in (sides if r % 2 else sides[::-1]):
+            side.step(r)
+            print(f"  round {r} {side.name}: {side.times[-1]:.3f} s", file=sys.stderr)
+
+    tokens = [count_tokens(b) for b in padded[1:]]  # the same real tokens in both layouts
+    report = {"shape": args.shape, "device": device.type, "batch_examples": args.batch, "rounds": args.rounds,
+              "pack_capacity": [args.pack_source_len, args.pack_target_len],
+              "examples": len(examples), "sni_lengths": {"source": quantiles(src), "target": quantiles(tgt)},
+              "first_step_summed_loss": dict(zip(("padded", "packed"), first)), "environment": environment(device),
+              "load_average": round(os.getloadavg()[0], 2), "layouts": {}}
+    for side in sides:
+        report["layouts"][side.name] = {
+            **layout_stats(side.batches[1:]), "median_step_s": statistics.median(side.times),
+            "tokens_per_s": statistics.median(t / s for t, s in zip(tokens, side.times)),
+            "losses": side.losses}
+    report["speedup"] = statistics.median(a / b for a, b in zip(sides[0].times, sides[1].times))
+
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"finetune_packing-{device.type}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+def markdown(r: dict) -> str:
+    env, s, t = r["environment"], r["sni_lengths"]["source"], r["sni_lengths"]["target"]
+    lines = [f"# Fine-tuning on SNI: padded vs packed batches ({r['device']}, fp32, {r['shape']} shape)", "",
+             f"Command: `python {env['command']}`", "",
+             f"- hardware: {env['hardware']}; python {env['python']}, torch {env['torch']}; git {env['git_sha'][:12]}"
+             f"{' + uncommitted changes' if env['uncommitted_changes'] else ''}; load average {r['load_average']}",
+             f"- {r['examples']} SNI training examples (Tk-Instruct def + 2 pos, 1024/128 tokens); source tokens "
+             f"mean {s['mean']}, p10/median/p90 {s['p10']}/{s['median']}/{s['p90']}, max {s['max']}; target tokens "
+             f"mean {t['mean']}, median {t['median']}, p90 {t['p90']}, max {t['max']}",
+             f"- micro-batches of {r['batch_examples']} examples, {r['rounds']} interleaved timed steps per layout "
+             f"after one warm-up step; first-step summed loss padded {r['first_step_summed_loss']['padded']:.4f}, "
+             f"packed {r['first_step_summed_loss']['packed']:.4f}",
+             "- packed row capacity (source, target): " + ", ".join(
+                 str(c) if c else "the batch's longest" for c in r["pack_capacity"]), "",
+             "| layout | rows | source x target width | padding | real tokens/s | step s |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, x in r["layouts"].items():
+        lines.append(f"| {name} | {x['rows_per_batch']:.1f} | {x['source_width']:.0f} x {x['target_width']:.0f} "
+                     f"| {x['padding_fraction']:.0%} | {x['tokens_per_s']:,.0f} | {x['median_step_s']:.2f} |")
+    lines += ["", f"Packed / padded speed: **{r['speedup']:.2f}x** (median over rounds of the per-round ratio).", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
