@@ -46,6 +46,36 @@ def test_chunked_cross_entropy_survives_extreme_logits_and_frozen_weights():
     torch.testing.assert_close(dx, torch.autograd.grad(ref, x)[0], **TOL)
 
 
+def test_chunked_cross_entropy_hands_its_gradients_over_once():
+    # Gradients are scaled in place and handed to autograd: two forward passes accumulate
+    # correctly into .grad, and a second backward through one pass is a clear error, not a
+    # silently doubled scale.
+    x, w, labels = ce_inputs()
+    ref = F.cross_entropy(x @ w.t(), labels, ignore_index=-100, reduction="sum")
+    ref_dw = torch.autograd.grad(ref * 5.0, w)[0]  # 2.0 + 3.0 below
+    (linear_cross_entropy(x, w, labels, "sum", chunk_rows=8) * 2.0).backward()
+    (linear_cross_entropy(x, w, labels, "sum", chunk_rows=8) * 3.0).backward()
+    torch.testing.assert_close(w.grad, ref_dw, **TOL)
+    loss = linear_cross_entropy(x, w, labels, "sum", chunk_rows=8)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+def test_one_embedding_lookup_for_both_stacks_matches_two():
+    torch.manual_seed(0)
+    model = T5(T5Config.from_name("tiny", vocab_size=300, dropout_rate=0.0))
+    ids, dec = torch.randint(0, 300, (3, 11)), torch.randint(0, 300, (3, 5))
+    src, tgt = model._embed_pair(ids, dec)
+    (src.square().sum() + tgt.sum()).backward()
+    one = model.shared.weight.grad.clone()
+    model.shared.weight.grad = None
+    (model.shared(ids).square().sum() + model.shared(dec).sum()).backward()
+    torch.testing.assert_close(src, model.shared(ids))
+    torch.testing.assert_close(tgt, model.shared(dec))
+    torch.testing.assert_close(one, model.shared.weight.grad)
+
+
 def test_chunked_cross_entropy_under_bf16_autocast_is_close_and_fp32():
     x, w, labels = ce_inputs(C=32)
     ref = F.cross_entropy(x @ w.t(), labels, ignore_index=-100)
