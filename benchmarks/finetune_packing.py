@@ -38,6 +38,7 @@ from t5forge.model.t5 import T5  # noqa: E402
 from t5forge.optim.build import build_optimizer  # noqa: E402
 from t5forge.tokenizer import load_tokenizer  # noqa: E402
 from t5forge.train.loop import count_tokens  # noqa: E402
+from t5forge.train.setup import enable_fast_math  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("T5FORGE_DATA", REPO.parent / "shared" / "data")).resolve()
@@ -75,6 +76,15 @@ class Side:
         return float(loss)
 
 
+def fewest_rows(batch) -> int:
+    """The fewest rows of this packed batch's width that could hold its examples' real tokens:
+    no packing at that width does better, so padded rows / this bounds the row-count gain."""
+    rows, source_width = batch["input_ids"].shape
+    source = int((batch["encoder_segment_ids"] != 0).sum())
+    target = int((batch["labels"] != -100).sum())
+    return max(-(-source // source_width), -(-target // batch["labels"].shape[1]))
+
+
 def layout_stats(batches) -> dict:
     cells = sum(b["input_ids"].numel() + b["labels"].numel() for b in batches)
     real = sum(count_tokens(b) for b in batches)
@@ -96,6 +106,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
+    enable_fast_math(device)  # as `t5forge finetune` does (subnormals flushed on CPU)
 
     tokenizer = load_tokenizer(str(DATA / "t5-spiece" / "spiece.model"))
     examples = load_sni(DATA / "sni", "train", tokenizer, max_num_instances_per_task=args.instances,
@@ -140,6 +151,9 @@ def main() -> None:
             "tokens_per_s": statistics.median(t / s for t, s in zip(tokens, side.times)),
             "losses": side.losses}
     report["speedup"] = statistics.median(a / b for a, b in zip(sides[0].times, sides[1].times))
+    # At the padded batches' width a packed row costs about what a padded one does, so the speed-up
+    # cannot go much beyond padded rows / this (a few percent either way: cache effects, noise).
+    report["fewest_rows_per_batch"] = statistics.mean(fewest_rows(b) for b in packed[1:])
 
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"finetune_packing-{device.type}"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +182,12 @@ def markdown(r: dict) -> str:
         lines.append(f"| {name} | {x['rows_per_batch']:.1f} | {x['source_width']:.0f} x {x['target_width']:.0f} "
                      f"| {x['padding_fraction']:.0%} | {x['tokens_per_s']:,.0f} | {x['median_step_s']:.2f} |")
     lines += ["", f"Packed / padded speed: **{r['speedup']:.2f}x** (median over rounds of the per-round ratio).", ""]
+    if "fewest_rows_per_batch" in r and r["pack_capacity"] == [0, 0]:  # packed rows as wide as padded ones
+        padded_rows = r["layouts"]["padded"]["rows_per_batch"]
+        lines += [f"Bound at this row width: the examples' real tokens need at least "
+                  f"{r['fewest_rows_per_batch']:.1f} packed rows per micro-batch, so no packing of these "
+                  f"micro-batches saves more than {padded_rows:.1f} / {r['fewest_rows_per_batch']:.1f} = "
+                  f"**{padded_rows / r['fewest_rows_per_batch']:.2f}x** of the rows.", ""]
     return "\n".join(lines)
 
 
