@@ -7,7 +7,7 @@ The examples are SNI training instances with nanoT5's Tk-Instruct prompts (defin
 examples, max_seq_len 1024, max_target_len 128) and the real T5 vocabulary. Both layouts train the
 same micro-batches of `--batch` examples (drawn by t5forge's FinetuneLoader with one seed; the
 packed loader lays the same examples out several to a row) on the same initial weights, with
-AdamWScale, fp32, dropout 0. The two run INTERLEAVED, one step each per round, and the headline is
+AdamWScale, dropout 0, fp32 unless --precision bf16 (autocast, as `t5forge finetune`). The two run INTERLEAVED, one step each per round, and the headline is
 the median of the per-round speed ratio. Tokens/s counts real tokens only (encoder inputs + target
 tokens, padding excluded): the same numerator for both layouts. The first step's summed losses must
 agree (same examples, same weights), or the script stops.
@@ -38,24 +38,26 @@ from t5forge.model.t5 import T5  # noqa: E402
 from t5forge.optim.build import build_optimizer  # noqa: E402
 from t5forge.tokenizer import load_tokenizer  # noqa: E402
 from t5forge.train.loop import count_tokens  # noqa: E402
-from t5forge.train.setup import enable_fast_math  # noqa: E402
+from t5forge.train.setup import autocast_for, enable_fast_math  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("T5FORGE_DATA", REPO.parent / "shared" / "data")).resolve()
 MAX_SOURCE, MAX_TARGET = 1024, 128
 
 
-def model_config(shape: str) -> T5Config:
+def model_config(shape: str, attention: str = "sdpa") -> T5Config:
+    common = {"dropout_rate": 0.0, "attention_backend": attention}
     if shape == "tiny":
-        return T5Config(d_model=256, d_ff=512, num_heads=4, d_kv=64, num_layers=4, dropout_rate=0.0)
-    return T5Config.from_name(f"google/t5-v1_1-{shape}", dropout_rate=0.0)
+        return T5Config(d_model=256, d_ff=512, num_heads=4, d_kv=64, num_layers=4, **common)
+    return T5Config.from_name(f"google/t5-v1_1-{shape}", **common)
 
 
 class Side:
-    def __init__(self, name, model, batches, device):
+    def __init__(self, name, model, batches, device, precision="fp32"):
         from types import SimpleNamespace
 
         self.name, self.model, self.batches, self.device = name, model.to(device).train(), batches, device
+        self.autocast = autocast_for(precision, device)
         self.optimizer = build_optimizer(self.model, SimpleNamespace(name="adamwscale", base_lr=1e-3, weight_decay=0.0))
         self.times, self.losses = [], []
 
@@ -63,7 +65,8 @@ class Side:
         batch = {k: v.to(self.device) for k, v in self.batches[i].items()}
         n_targets = int((batch["labels"] != -100).sum())
         t0 = time.perf_counter()
-        loss = self.model(**batch, loss_reduction="sum").loss
+        with self.autocast():
+            loss = self.model(**batch, loss_reduction="sum").loss
         (loss / n_targets).backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
@@ -103,6 +106,8 @@ def main() -> None:
     parser.add_argument("--pack-source-len", type=int, default=0, help="packed row capacity (0 = batch's longest)")
     parser.add_argument("--pack-target-len", type=int, default=0, help="packed row capacity (0 = batch's longest)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--attention", default="sdpa", help="sdpa | eager | flex (flex trains on GPU only)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -129,10 +134,11 @@ def main() -> None:
     packed = [next(packed_loader) for _ in range(n)]
 
     torch.manual_seed(0)
-    model = T5(model_config(args.shape))
-    sides = [Side("padded", model, padded, device), Side("packed", copy.deepcopy(model), packed, device)]
+    model = T5(model_config(args.shape, args.attention))
+    sides = [Side("padded", model, padded, device, args.precision),
+             Side("packed", copy.deepcopy(model), packed, device, args.precision)]
     first = [s.step(0, record=False) for s in sides]
-    if abs(first[0] - first[1]) > 1e-4 * abs(first[0]):
+    if abs(first[0] - first[1]) > (1e-4 if args.precision == "fp32" else 2e-2) * abs(first[0]):
         raise SystemExit(f"first-step summed losses differ: padded {first[0]:.4f}, packed {first[1]:.4f}")
     for r in range(1, n):
         for side in (sides if r % 2 else sides[::-1]):
@@ -140,7 +146,7 @@ def main() -> None:
             print(f"  round {r} {side.name}: {side.times[-1]:.3f} s", file=sys.stderr)
 
     tokens = [count_tokens(b) for b in padded[1:]]  # the same real tokens in both layouts
-    report = {"shape": args.shape, "device": device.type, "batch_examples": args.batch, "rounds": args.rounds,
+    report = {"shape": args.shape, "device": device.type, "precision": args.precision, "attention": args.attention, "batch_examples": args.batch, "rounds": args.rounds,
               "pack_capacity": [args.pack_source_len, args.pack_target_len],
               "examples": len(examples), "sni_lengths": {"source": quantiles(src), "target": quantiles(tgt)},
               "first_step_summed_loss": dict(zip(("padded", "packed"), first)), "environment": environment(device),
@@ -164,7 +170,7 @@ def main() -> None:
 
 def markdown(r: dict) -> str:
     env, s, t = r["environment"], r["sni_lengths"]["source"], r["sni_lengths"]["target"]
-    lines = [f"# Fine-tuning on SNI: padded vs packed batches ({r['device']}, fp32, {r['shape']} shape)", "",
+    lines = [f"# Fine-tuning on SNI: padded vs packed batches ({r['device']}, {r.get('precision', 'fp32')}, {r['shape']} shape, attention {r.get('attention', 'sdpa')})", "",
              f"Command: `python {env['command']}`", "",
              f"- hardware: {env['hardware']}; python {env['python']}, torch {env['torch']}; git {env['git_sha'][:12]}"
              f"{' + uncommitted changes' if env['uncommitted_changes'] else ''}; load average {r['load_average']}",

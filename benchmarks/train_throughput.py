@@ -55,16 +55,19 @@ DATA = Path(os.environ.get("T5FORGE_DATA", REPO.parent / "shared" / "data")).res
 INPUT_LENGTH, TARGET_LENGTH = 512, 114  # T5 span corruption at 15% noise, mean span 3
 
 
-def shape_config(name: str, attention: str) -> tuple[T5Config, int]:
-    """(architecture, batch size) of a benchmark shape; dropout 0 as in nanoT5 pre-training."""
+def shape_config(name: str, attention: str, batch: int | None = None) -> tuple[T5Config, int]:
+    """(architecture, batch size) of a benchmark shape; dropout 0 as in nanoT5 pre-training.
+    batch: overrides the shape's default batch size (nanoT5's pre-training batch is 128)."""
     common = {"dropout_rate": 0.0, "attention_backend": attention}
     if name == "tiny":
-        return T5Config(d_model=256, d_ff=512, num_heads=4, d_kv=64, num_layers=4, **common), 16
-    if name == "small":
-        return T5Config.from_name("google/t5-v1_1-small", **common), 8
-    if name == "base":
-        return T5Config.from_name("google/t5-v1_1-base", **common), 8
-    raise SystemExit(f"unknown shape {name!r}; use tiny, small or base")
+        config, default = T5Config(d_model=256, d_ff=512, num_heads=4, d_kv=64, num_layers=4, **common), 16
+    elif name == "small":
+        config, default = T5Config.from_name("google/t5-v1_1-small", **common), 8
+    elif name == "base":
+        config, default = T5Config.from_name("google/t5-v1_1-base", **common), 8
+    else:
+        raise SystemExit(f"unknown shape {name!r}; use tiny, small or base")
+    return config, batch or default
 
 
 def real_batch(batch_size: int, vocab_size: int, seed: int = 0) -> tuple[dict, str]:
@@ -177,12 +180,14 @@ def cpu_peak_memory(args, shape: str, side: str) -> int:
            "--attention", args.attention, "--hf-attention", args.hf_attention, "--compile", args.compile]
     if args.flush_denormal:
         cmd.append("--flush-denormal")
+    if args.batch:
+        cmd += ["--batch", str(args.batch)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return int(json.loads(out.strip().splitlines()[-1])["peak_rss"])
 
 
 def memory_probe(args) -> None:
-    config, batch_size = shape_config(args.shapes[0], args.attention)
+    config, batch_size = shape_config(args.shapes[0], args.attention, args.batch)
     batch, _ = real_batch(batch_size, config.vocab_size)
     ours, hf = build_pair(config, args.hf_attention)
     model = ours if args.memory_probe == "t5forge" else hf
@@ -242,7 +247,7 @@ def busy_processes() -> list[str]:
 
 
 def bench_shape(args, shape: str, device, peak: float) -> dict:
-    config, batch_size = shape_config(shape, args.attention)
+    config, batch_size = shape_config(shape, args.attention, args.batch)
     batch, source = real_batch(batch_size, config.vocab_size)
     tokens = batch["input_ids"].numel() + int((batch["labels"] != -100).sum())
     flops = t5_flops_per_step(config, batch_size, INPUT_LENGTH, batch["labels"].shape[1])
@@ -292,7 +297,7 @@ def bench_shape(args, shape: str, device, peak: float) -> dict:
 
 
 def cuda_peak_memory(args, shape: str, side: str, device) -> int:
-    config, batch_size = shape_config(shape, args.attention)
+    config, batch_size = shape_config(shape, args.attention, args.batch)
     batch, _ = real_batch(batch_size, config.vocab_size)
     ours, hf = build_pair(config, args.hf_attention)
     model = ours if side == "t5forge" else hf
@@ -362,6 +367,8 @@ def main() -> None:
     parser.add_argument("--hf-attention", default="sdpa", help="transformers attn_implementation")
     parser.add_argument("--compile", choices=("none", "model"), default="none", help="torch.compile t5forge's model")
     parser.add_argument("--hf-compile", choices=("none", "model"), default="none")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch size for every shape (default: 16 at tiny, 8 at small and base)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--flush-denormal", action="store_true",

@@ -62,6 +62,17 @@ def test_chunked_cross_entropy_hands_its_gradients_over_once():
         loss.backward()
 
 
+def test_chunked_cross_entropy_reuses_its_cpu_buffer_across_shapes_and_dtypes():
+    # The logits buffer outlives a call (CPU): calls of other sizes and dtypes in between must not
+    # change a result.
+    for n, v, dtype in [(37, 50, None), (64, 300, None), (9, 50, torch.bfloat16), (37, 50, None), (64, 300, None)]:
+        x, w, labels = ce_inputs(N=n, V=v, seed=n + v)
+        ref = F.cross_entropy(x @ w.t(), labels, ignore_index=-100, reduction="sum")
+        loss = linear_cross_entropy(x, w, labels, "sum", chunk_rows=16, compute_dtype=dtype)
+        tol = {"rtol": 2e-2, "atol": 1e-1} if dtype else TOL
+        torch.testing.assert_close(loss, ref, **tol)
+
+
 def test_one_embedding_lookup_for_both_stacks_matches_two():
     torch.manual_seed(0)
     model = T5(T5Config.from_name("tiny", vocab_size=300, dropout_rate=0.0))
