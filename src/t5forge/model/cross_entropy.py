@@ -24,20 +24,21 @@ import torch
 
 IGNORE_INDEX = -100
 
-# CPU only: the logits buffer of the last call, per thread, reused by the next one. A fresh 64 MB
-# buffer every step costs its page faults again: the first chunk's matmul ran at 60-70% speed
-# (22 ms more per step in isolation, ~100 ms inside a t5-v1.1-small training step on a 2-core
-# VM). The buffer never leaves forward. CUDA's caching allocator already reuses memory.
+# CPU only: the logits buffers of the last call (one per dtype), per thread, reused by the next
+# one. A fresh 64 MB buffer every step costs its page faults again: the first chunk's matmul ran
+# at 60-70% speed (22 ms more per step in isolation, ~100 ms inside a t5-v1.1-small training step
+# on a 2-core VM). The buffers never leave forward. CUDA's caching allocator already reuses memory.
 _workspace = threading.local()
 
 
 def _logits_buffer(rows: int, vocab: int, dtype, device) -> torch.Tensor:
     if device.type != "cpu":
         return torch.empty(rows, vocab, dtype=dtype, device=device)
-    buf = getattr(_workspace, "buffer", None)
-    if buf is None or buf.dtype != dtype or buf.numel() < rows * vocab:
-        _workspace.buffer = buf = None  # drop the old one before allocating its successor
-        buf = _workspace.buffer = torch.empty(rows * vocab, dtype=dtype)
+    buffers = _workspace.__dict__.setdefault("buffers", {})
+    buf = buffers.get(dtype)
+    if buf is None or buf.numel() < rows * vocab:
+        buffers[dtype] = buf = None  # drop the old one before allocating its successor
+        buf = buffers[dtype] = torch.empty(rows * vocab, dtype=dtype)
     return buf[: rows * vocab].view(rows, vocab)
 
 
@@ -51,11 +52,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dx = torch.empty_like(x) if want_dx else None
         dw = None  # (V, C) fp32, written by the first chunk: no separate zero-fill pass over it
         # One logits buffer for all chunks (and, on CPU, all calls): fresh pages cost page faults.
-        buffer = _logits_buffer(min(chunk_rows, x.shape[0]), w.shape[0], compute_dtype, x.device)
+        # Half-precision matmuls get an fp32 one beside it for the softmax.
+        rows = min(chunk_rows, x.shape[0])
+        buffer = _logits_buffer(rows, w.shape[0], compute_dtype, x.device)
+        buffer32 = buffer if compute_dtype == torch.float32 else _logits_buffer(
+            rows, w.shape[0], torch.float32, x.device)
         for start in range(0, x.shape[0], chunk_rows):
             xc = x[start:start + chunk_rows].to(compute_dtype)
             yc = labels[start:start + chunk_rows]
-            logits = torch.mm(xc, w.t(), out=buffer[:xc.shape[0]]).float()  # (n, V)
+            n = xc.shape[0]
+            logits = torch.mm(xc, w.t(), out=buffer[:n])  # (n, V)
+            if logits.dtype != torch.float32:
+                logits = buffer32[:n].copy_(logits)
             valid = yc != IGNORE_INDEX
             target = yc.clamp(min=0)[:, None]  # ignored rows read class 0; their loss is masked out
             target_logit = logits.gather(1, target).squeeze(1)
@@ -71,7 +79,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             probs.mul_(valid[:, None] / total)  # softmax; ignored rows zeroed
             probs.scatter_add_(1, target, -valid[:, None].to(probs.dtype))  # - onehot(label)
-            g = probs.to(compute_dtype)
+            g = probs if probs.dtype == compute_dtype else buffer[:n].copy_(probs)  # (its logits are spent)
             if want_dx:
                 dx[start:start + chunk_rows] = g @ w
             if want_dw:
