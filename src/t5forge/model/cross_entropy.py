@@ -32,7 +32,7 @@ _workspace = threading.local()
 
 
 def _logits_buffer(rows: int, vocab: int, dtype, device) -> torch.Tensor:
-    if device.type != "cpu":
+    if device.type != "cpu" or torch.compiler.is_compiling():  # a compiled graph plans its own memory
         return torch.empty(rows, vocab, dtype=dtype, device=device)
     buffers = _workspace.__dict__.setdefault("buffers", {})
     buf = buffers.get(dtype)
@@ -92,13 +92,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     dw += (g.t() @ xc).float()
         if want_dw and dw is None:  # no rows at all
             dw = torch.zeros_like(weight, dtype=torch.float32)
-        # Kept on ctx rather than saved: backward hands these buffers over (see there).
-        ctx.grads = (dx, dw)
         ctx.weight_dtype = weight.dtype
+        # Eager: kept on ctx rather than saved, for backward to hand these buffers over (see there).
+        # A compiled graph cannot let tensors escape that way, nor return them scaled in place.
+        ctx.hand_over = not torch.compiler.is_compiling()
+        if ctx.hand_over:
+            ctx.grads = (dx, dw)
+        else:
+            ctx.save_for_backward(dx, dw)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if not ctx.hand_over:
+            dx, dw = ctx.saved_tensors
+            dx = None if dx is None else dx * grad_loss.to(dx.dtype)
+            dw = None if dw is None else (dw * grad_loss).to(ctx.weight_dtype)
+            return dx, dw, None, None, None
         # The gradients were computed in forward; scale them in place and hand them over, so
         # that the (V, C) weight gradient (64 MB at a 32k vocabulary and d_model 512) is neither
         # copied here nor, once nothing else holds it, when autograd makes it the .grad.
