@@ -1,15 +1,16 @@
 """Padded vs packed (padding-free) fine-tuning batches on the SNI subset: tokens/s at equal loss.
 
     python benchmarks/finetune_packing.py                       # t5-v1.1-small shape, CPU fp32
-    python benchmarks/finetune_packing.py --shape tiny --steps 2 --rounds 2   # a quick look
+    python benchmarks/finetune_packing.py --shape tiny --batch 8 --rounds 2   # a quick look
 
 The examples are SNI training instances with nanoT5's Tk-Instruct prompts (definition + 2 positive
 examples, max_seq_len 1024, max_target_len 128) and the real T5 vocabulary. Both layouts train the
 same micro-batches of `--batch` examples (drawn by t5forge's FinetuneLoader with one seed; the
 packed loader lays the same examples out several to a row) on the same initial weights, with
-AdamWScale, dropout 0, fp32 unless --precision bf16 (autocast, as `t5forge finetune`). The two run INTERLEAVED, one step each per round, and the headline is
-the median of the per-round speed ratio. Tokens/s counts real tokens only (encoder inputs + target
-tokens, padding excluded): the same numerator for both layouts. The first step's summed losses must
+AdamWScale, dropout 0, fp32 unless --precision bf16 (autocast, as `t5forge finetune`). The two run
+INTERLEAVED, one step each per round, and the headline is the median of the per-round speed ratio.
+Tokens/s counts real tokens only (encoder inputs + target tokens, padding excluded): the same
+numerator for both layouts. The first step's summed losses must
 agree (same examples, same weights), or the script stops.
 
 Writes benchmarks/results/finetune_packing-<device>.json and .md (or --out).
@@ -75,8 +76,8 @@ class Side:
             torch.cuda.synchronize()
         if record:
             self.times.append(time.perf_counter() - t0)
-        self.losses.append(float(loss))
-        return float(loss)
+        self.losses.append(float(loss.detach()))
+        return float(loss.detach())
 
 
 def fewest_rows(batch) -> int:
@@ -146,7 +147,8 @@ def main() -> None:
             print(f"  round {r} {side.name}: {side.times[-1]:.3f} s", file=sys.stderr)
 
     tokens = [count_tokens(b) for b in padded[1:]]  # the same real tokens in both layouts
-    report = {"shape": args.shape, "device": device.type, "precision": args.precision, "attention": args.attention, "batch_examples": args.batch, "rounds": args.rounds,
+    report = {"shape": args.shape, "device": device.type, "precision": args.precision, "attention": args.attention,
+              "batch_examples": args.batch, "rounds": args.rounds,
               "pack_capacity": [args.pack_source_len, args.pack_target_len],
               "examples": len(examples), "sni_lengths": {"source": quantiles(src), "target": quantiles(tgt)},
               "first_step_summed_loss": dict(zip(("padded", "packed"), first)), "environment": environment(device),
@@ -170,7 +172,8 @@ def main() -> None:
 
 def markdown(r: dict) -> str:
     env, s, t = r["environment"], r["sni_lengths"]["source"], r["sni_lengths"]["target"]
-    lines = [f"# Fine-tuning on SNI: padded vs packed batches ({r['device']}, {r.get('precision', 'fp32')}, {r['shape']} shape, attention {r.get('attention', 'sdpa')})", "",
+    lines = [f"# Fine-tuning on SNI: padded vs packed batches ({r['device']}, {r.get('precision', 'fp32')}, "
+             f"{r['shape']} shape, attention {r.get('attention', 'sdpa')})", "",
              f"Command: `python {env['command']}`", "",
              f"- hardware: {env['hardware']}; python {env['python']}, torch {env['torch']}; git {env['git_sha'][:12]}"
              f"{' + uncommitted changes' if env['uncommitted_changes'] else ''}; load average {r['load_average']}",

@@ -20,9 +20,10 @@ steps (allocator, compile) are not timed. Peak memory: torch.cuda.max_memory_all
 CPU the peak RSS of a separate process running two steps of one side (model, grads, optimizer state
 and activations, plus the Python/torch runtime of ~0.3 GB).
 
---flush-denormal sets torch.set_flush_denormal(True) for both sides. Where subnormal floats are slow
-(seen on an Intel Xeon with AVX-512: transformers' step 1.5x slower without it, ours unchanged, as
-its cross-entropy never produces subnormal probabilities), this is the fairer comparison.
+--flush-denormal sets torch.set_flush_denormal(True) for both sides, as `t5forge pretrain` does on
+CPU. Where subnormal floats are slow (seen on an Intel Xeon with AVX-512: transformers' step 1.7-3.3x
+slower without it, ours only in AdamWScale's step, as its cross-entropy makes no subnormal
+probabilities), this is the fairer comparison.
 
 Writes benchmarks/results/train_throughput-<device>-<precision>.json and .md (or --out).
 """
@@ -392,7 +393,8 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, as the peak is measured
     report = {"device": device.type, "precision": args.precision, "attention": args.attention,
               "hf_attention": args.hf_attention, "compile": args.compile, "hf_compile": args.hf_compile,
-              "flush_denormal": args.flush_denormal, "rounds": args.rounds, "warmup": args.warmup, "environment": environment(device),
+              "flush_denormal": args.flush_denormal, "rounds": args.rounds, "warmup": args.warmup,
+              "environment": environment(device),
               "busy_processes_start": busy_processes(), "load_average_start": round(os.getloadavg()[0], 2)}
     peaks = [matmul_peak(device, dtype)]
     report["results"] = []

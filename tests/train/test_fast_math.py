@@ -20,7 +20,8 @@ SCRIPT = textwrap.dedent("""
 
 
 def run(mode: str) -> list[str]:
-    return subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True)
+    return out.stdout.split()
 
 
 def test_cpu_fast_math_flushes_subnormals_on_all_threads():

@@ -36,7 +36,7 @@ def enable_fast_math(device: torch.device) -> None:
     """TF32 matmuls on Ampere+ GPUs (nanoT5 does the same); fp32 weights and reductions stay fp32.
     On CPU, subnormal floats (below 1.2e-38) are flushed to zero: x86 handles them in microcode,
     and AdamWScale's second moment of tiny gradients is full of them (its step took 0.21 s instead
-    of 0.12 s at t5-v1.1-small on an AVX-512 Xeon). GPUs flush them in most kernels anyway.
+    of 0.12 s at t5-v1.1-small on an AVX-512 Xeon). GPUs have no such slow path.
     Called before the first parallel op: worker threads inherit the setting when they start."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
