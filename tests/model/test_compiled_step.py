@@ -2,10 +2,14 @@
 custom autograd functions (chunked cross-entropy, RMSNorm, CPU attention) must trace. One compile
 on CPU, ~30 s."""
 
+import pytest
 import torch
 
 from t5forge.model.config import T5Config
 from t5forge.model.t5 import T5
+
+# torch's own modules, imported by the compiler, warn about their deprecated APIs.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def test_compiled_training_step_matches_eager():
