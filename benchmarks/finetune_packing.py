@@ -30,11 +30,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import environment  # noqa: E402  (the sibling benchmark's environment record)
+from train_throughput import environment, shape_config  # noqa: E402  (the sibling benchmark's shapes)
 
 from t5forge.data.finetune_loader import FinetuneLoader  # noqa: E402
 from t5forge.data.instructions import load_sni  # noqa: E402
-from t5forge.model.config import T5Config  # noqa: E402
 from t5forge.model.t5 import T5  # noqa: E402
 from t5forge.optim.build import build_optimizer  # noqa: E402
 from t5forge.tokenizer import load_tokenizer  # noqa: E402
@@ -44,13 +43,6 @@ from t5forge.train.setup import autocast_for, enable_fast_math  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("T5FORGE_DATA", REPO.parent / "shared" / "data")).resolve()
 MAX_SOURCE, MAX_TARGET = 1024, 128
-
-
-def model_config(shape: str, attention: str = "sdpa") -> T5Config:
-    common = {"dropout_rate": 0.0, "attention_backend": attention}
-    if shape == "tiny":
-        return T5Config(d_model=256, d_ff=512, num_heads=4, d_kv=64, num_layers=4, **common)
-    return T5Config.from_name(f"google/t5-v1_1-{shape}", **common)
 
 
 class Side:
@@ -135,7 +127,7 @@ def main() -> None:
     packed = [next(packed_loader) for _ in range(n)]
 
     torch.manual_seed(0)
-    model = T5(model_config(args.shape, args.attention))
+    model = T5(shape_config(args.shape, args.attention)[0])  # the throughput benchmark's shapes, dropout 0
     sides = [Side("padded", model, padded, device, args.precision),
              Side("packed", copy.deepcopy(model), packed, device, args.precision)]
     first = [s.step(0, record=False) for s in sides]

@@ -2,8 +2,8 @@
 # The GPU checks of the speed work in one run of about 9 minutes (H100/H200): the GPU-marked tests
 # (FlexAttention backward), bf16 + torch.compile training throughput against transformers at the
 # t5-v1.1-small and -base shapes and at nanoT5's batch of 128 (MFU), and padded vs packed SNI
-# fine-tuning (SDPA, and FlexAttention with 1024/128-token rows). Every stage has its own time limit and the
-# script goes on past a failed one; after each stage everything so far is packed into
+# fine-tuning (SDPA, and FlexAttention with 1024/128-token rows). Every stage has its own time limit
+# and the script goes on past a failed one; after each stage everything so far is packed into
 # $OUT/gpu_check.tar.gz (logs, JSON and markdown tables), with one line per stage in $OUT/summary.txt.
 #
 # The real data must travel with the working tree (../shared is not copied to a device machine):
