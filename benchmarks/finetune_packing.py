@@ -6,7 +6,8 @@
 The examples are SNI training instances with nanoT5's Tk-Instruct prompts (definition + 2 positive
 examples, max_seq_len 1024, max_target_len 128) and the real T5 vocabulary. Both layouts train the
 same micro-batches of `--batch` examples (drawn by t5forge's FinetuneLoader with one seed; the
-packed loader lays the same examples out several to a row) on the same initial weights, with
+packed loader lays the same examples out several to a row, by default in rows as `t5forge finetune`
+sizes them: on CPU with sdpa the whole micro-batch in one row) on the same initial weights, with
 AdamWScale, dropout 0, fp32 unless --precision bf16 (autocast, as `t5forge finetune`). The two run
 INTERLEAVED, one step each per round, and the headline is the median of the per-round speed ratio.
 Tokens/s counts real tokens only (encoder inputs + target tokens, padding excluded): the same
@@ -34,6 +35,7 @@ from train_throughput import environment, shape_config  # noqa: E402  (the sibli
 
 from t5forge.data.finetune_loader import FinetuneLoader  # noqa: E402
 from t5forge.data.instructions import load_sni  # noqa: E402
+from t5forge.model.attention import use_spans  # noqa: E402
 from t5forge.model.t5 import T5  # noqa: E402
 from t5forge.optim.build import build_optimizer  # noqa: E402
 from t5forge.tokenizer import load_tokenizer  # noqa: E402
@@ -81,6 +83,22 @@ def fewest_rows(batch) -> int:
     return max(-(-source // source_width), -(-target // batch["labels"].shape[1]))
 
 
+def row_capacity(args, device) -> tuple[int | None, int | None]:
+    """(source, target) packed row capacity, None = the batch's longest; -1 asks t5forge finetune's rule."""
+    from types import SimpleNamespace
+
+    from t5forge.config import load_config
+    from t5forge.train.finetune import pack_capacity
+
+    if args.pack_source_len >= 0 and args.pack_target_len >= 0:
+        return args.pack_source_len or None, args.pack_target_len or None
+    cfg = load_config(["finetune.pack=true", f"model.attention={args.attention}",
+                       f"finetune.max_seq_len={MAX_SOURCE}", f"finetune.max_target_len={MAX_TARGET}"], base="ft")
+    auto = pack_capacity(cfg, SimpleNamespace(micro_batch_size=args.batch), device)
+    return tuple(a if given < 0 else (given or None) for a, given in zip(auto, (args.pack_source_len,
+                                                                                 args.pack_target_len)))
+
+
 def layout_stats(batches) -> dict:
     cells = sum(b["input_ids"].numel() + b["labels"].numel() for b in batches)
     real = sum(count_tokens(b) for b in batches)
@@ -96,8 +114,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="examples per micro-batch")
     parser.add_argument("--rounds", type=int, default=4, help="timed steps per layout (interleaved)")
     parser.add_argument("--instances", type=int, default=100, help="SNI instances per training task")
-    parser.add_argument("--pack-source-len", type=int, default=0, help="packed row capacity (0 = batch's longest)")
-    parser.add_argument("--pack-target-len", type=int, default=0, help="packed row capacity (0 = batch's longest)")
+    parser.add_argument("--pack-source-len", type=int, default=-1,
+                        help="packed row capacity (-1 = as `t5forge finetune`: the whole micro-batch in one row "
+                             "with sdpa on CPU, else the batch's longest; 0 = the batch's longest)")
+    parser.add_argument("--pack-target-len", type=int, default=-1, help="the same for targets")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--attention", default="sdpa", help="sdpa | eager | flex (flex trains on GPU only)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
@@ -121,8 +141,9 @@ def main() -> None:
     n = args.rounds + 1  # + one warm-up step
     common = {"batch_size": args.batch, "max_source_length": MAX_SOURCE, "max_target_length": MAX_TARGET, "seed": 0}
     padded_loader = iter(FinetuneLoader(examples, tokenizer, **common))
-    packed_loader = iter(FinetuneLoader(examples, tokenizer, pack=True, pack_source_len=args.pack_source_len,
-                                        pack_target_len=args.pack_target_len, **common))
+    capacity = row_capacity(args, device)
+    packed_loader = iter(FinetuneLoader(examples, tokenizer, pack=True, pack_source_len=capacity[0],
+                                        pack_target_len=capacity[1], **common))
     padded = [next(padded_loader) for _ in range(n)]
     packed = [next(packed_loader) for _ in range(n)]
 
@@ -141,7 +162,9 @@ def main() -> None:
     tokens = [count_tokens(b) for b in padded[1:]]  # the same real tokens in both layouts
     report = {"shape": args.shape, "device": device.type, "precision": args.precision, "attention": args.attention,
               "batch_examples": args.batch, "rounds": args.rounds,
-              "pack_capacity": [args.pack_source_len, args.pack_target_len],
+              "pack_capacity": [c or 0 for c in capacity],
+              "packed_attention": ("example by example (spans)" if use_spans(args.attention, device) else
+                                   "flex block mask" if args.attention == "flex" else "dense block-diagonal mask"),
               "examples": len(examples), "sni_lengths": {"source": quantiles(src), "target": quantiles(tgt)},
               "first_step_summed_loss": dict(zip(("padded", "packed"), first)), "environment": environment(device),
               "load_average": round(os.getloadavg()[0], 2), "layouts": {}}
@@ -176,7 +199,10 @@ def markdown(r: dict) -> str:
              f"after one warm-up step; first-step summed loss padded {r['first_step_summed_loss']['padded']:.4f}, "
              f"packed {r['first_step_summed_loss']['packed']:.4f}",
              "- packed row capacity (source, target): " + ", ".join(
-                 str(c) if c else "the batch's longest" for c in r["pack_capacity"]), "",
+                 str(c) if c else "the batch's longest" for c in r["pack_capacity"])
+             + (f" (the whole micro-batch in one row: {r['batch_examples']} x 1024 / 128)"
+                if r["pack_capacity"] == [1024 * r["batch_examples"], 128 * r["batch_examples"]] else "")
+             + f"; attention over packed rows: {r.get('packed_attention', 'dense block-diagonal mask')}", "",
              "| layout | rows | source x target width | padding | real tokens/s | step s |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, x in r["layouts"].items():

@@ -144,8 +144,10 @@ class FinetuneConfig:
     add_explanation: bool = _key(False, "SNI prompt: example explanations")
     pack: bool = _key(False, "padding-free training batches: several examples per row, same loss as padded")
     pack_source_len: int = _key(0, "packed row capacity in encoder tokens, at least the micro-batch's longest "
-                                "source (0 = just that; longer rows pay off with attention=flex)")
-    pack_target_len: int = _key(0, "packed row capacity in target tokens, at least the micro-batch's longest target")
+                                "source (0 = automatic: the whole micro-batch in one row with attention=sdpa on "
+                                "CPU, else the longest source; longer rows also pay off with attention=flex)")
+    pack_target_len: int = _key(0, "packed row capacity in target tokens, at least the micro-batch's longest target "
+                                "(0 = automatic, as pack_source_len)")
 
 
 @dataclass(frozen=True)

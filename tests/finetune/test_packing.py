@@ -141,3 +141,22 @@ def test_finetune_cli_trains_with_packed_batches(tmp_path, tiny_model_dir, sni_d
     train = [r for r in recs if r["kind"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in train)
     assert "pack: true" in (out / "config.yaml").read_text()
+
+
+def test_pack_capacity_puts_a_cpu_micro_batch_in_one_row_with_sdpa(sni_train, t5_tokenizer):
+    from types import SimpleNamespace
+
+    from t5forge.train.finetune import pack_capacity
+
+    plan, cpu = SimpleNamespace(micro_batch_size=4), torch.device("cpu")
+    args = ["finetune.pack=true", "finetune.max_seq_len=256", "finetune.max_target_len=32"]
+    cfg = load_config(args, base="ft")
+    assert pack_capacity(cfg, plan, cpu) == (1024, 128)  # every micro-batch fits one row
+    assert pack_capacity(cfg, plan, torch.device("cuda")) == (None, None)  # dense masks / flex: the longest
+    for override, want in [("model.attention=eager", (None, None)), ("model.compile=true", (None, None)),
+                           ("finetune.pack_source_len=512", (512, None))]:
+        assert pack_capacity(load_config([*args, override], base="ft"), plan, cpu) == want, override
+    loader = FinetuneLoader(sni_train, t5_tokenizer, batch_size=4, max_source_length=256, max_target_length=32,
+                            pack=True, pack_source_len=1024, pack_target_len=128)
+    batch = loader.batch(0, 0)
+    assert batch["input_ids"].shape[0] == 1 and int((batch["encoder_segment_ids"] == 0).sum()) == 0

@@ -1,11 +1,14 @@
 """Packed rows (several examples per row, told apart by segment ids) against the padded batch of
-the same examples: same summed loss, same gradients, same per-token logits, for every back end."""
+the same examples: same summed loss, same gradients, same per-token logits, for every back end.
+sdpa on CPU attends example by example (attention.py's spans); eager keeps the dense block-diagonal
+mask, so the two are also checked against each other."""
 
 import dataclasses
 
 import pytest
 import torch
 
+from t5forge.model.attention import AttentionBias, attend, segment_spans
 from t5forge.model.config import T5Config
 from t5forge.model.t5 import T5
 
@@ -116,3 +119,70 @@ def test_packed_batch_refuses_masks_alongside_segment_ids():
         m(**batch, attention_mask=torch.ones_like(batch["input_ids"]))
     with pytest.raises(ValueError, match="encoder_segment_ids and decoder_segment_ids"):
         m(batch["input_ids"], labels=batch["labels"], encoder_segment_ids=batch["encoder_segment_ids"])
+
+
+def attention_kinds(loss) -> set[str]:
+    seen, todo, kinds = set(), [loss.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        kinds.add(type(fn).__name__)
+        todo += [nxt for nxt, _ in fn.next_functions]
+    return {k for k in kinds if "Attention" in k}
+
+
+@pytest.mark.parametrize("rows", [ROWS, [[0, 1, 2, 3, 4]], [[4, 0], [2], [3, 1]]])
+def test_sdpa_spans_on_cpu_equal_the_padded_batch_and_the_dense_mask(rows):
+    # One row holding the whole batch (the CPU default with sdpa) and an unsorted placement too.
+    exs = examples(128, seed=3)
+    ref_model, m = model("eager"), model("sdpa")
+    batch, _ = packed(exs, rows=rows)
+    ref = ref_model(**padded(exs), loss_reduction="sum").loss
+    dense = ref_model(**batch, loss_reduction="sum").loss  # eager: the dense block-diagonal mask
+    loss = m(**batch, loss_reduction="sum").loss
+    assert attention_kinds(loss) == {"_SpanAttentionBackward"}  # the span kernel ran, nothing else
+    torch.testing.assert_close(loss, ref, **TOL)
+    torch.testing.assert_close(dense, ref, **TOL)
+    grads = torch.autograd.grad(loss, list(m.parameters()))
+    ref_grads = torch.autograd.grad(ref, list(ref_model.parameters()))
+    for (name, _), g, want in zip(m.named_parameters(), grads, ref_grads):
+        assert (g - want).abs().max() <= 1e-5 * max(want.abs().max(), 1e-3), name
+
+
+def test_sdpa_spans_under_bf16_autocast_match_the_padded_batch():
+    exs = examples(128, seed=4)
+    m = model("sdpa")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = m(**padded(exs), loss_reduction="sum").loss
+        ref_grad = torch.autograd.grad(ref, m.encoder.relative_bias.weight)[0]
+        loss = m(**packed(exs, rows=[[0, 1, 2, 3, 4]])[0], loss_reduction="sum").loss
+        grad = torch.autograd.grad(loss, m.encoder.relative_bias.weight)[0]
+    torch.testing.assert_close(loss, ref, rtol=2e-2, atol=0.0)
+    assert (grad - ref_grad).norm() <= 0.05 * ref_grad.norm()
+
+
+def test_sdpa_spans_with_attention_dropout_stay_inside_each_example():
+    # Dropout takes the autograd path (F.scaled_dot_product_attention per example): an example's
+    # output must depend on its own queries, keys and values only, and padding queries give 0.
+    torch.manual_seed(0)
+    segments = torch.tensor([[1, 1, 1, 2, 2, 0]])
+    q, k, v = (torch.randn(1, 2, 6, 4, requires_grad=True) for _ in range(3))
+    bias = AttentionBias("sdpa", dense=torch.randn(1, 2, 3, 3), spans=segment_spans(segments, segments))
+    out = attend(q, k, v, bias, dropout_p=0.5)
+    assert "_SpanAttentionBackward" not in attention_kinds(out.sum())  # that kernel has no dropout
+    assert not torch.equal(out, attend(q, k, v, bias))  # dropout applied
+    assert (out[:, :, 5] == 0).all()
+    out[:, :, :3].sum().backward()
+    for t in (q, k, v):
+        assert (t.grad[:, :, 3:] == 0).all() and t.grad[:, :, :3].abs().sum() > 0
+
+
+def test_segment_spans_pair_each_example_with_its_own_keys():
+    q = torch.tensor([[1, 1, 2, 0], [1, 2, 2, 2]])
+    k = torch.tensor([[1, 1, 1, 2, 2, 0], [1, 1, 2, 0, 0, 0]])
+    assert segment_spans(q, q) == [(0, 0, 2, 0, 2), (0, 2, 3, 2, 3), (1, 0, 1, 0, 1), (1, 1, 4, 1, 4)]
+    assert segment_spans(q, k) == [(0, 0, 2, 0, 3), (0, 2, 3, 3, 5), (1, 0, 1, 0, 2), (1, 1, 4, 2, 3)]
+    with pytest.raises(ValueError, match="segment 1 is not contiguous"):
+        segment_spans(torch.tensor([[1, 2, 1]]), torch.tensor([[1, 2, 1]]))

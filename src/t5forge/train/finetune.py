@@ -73,15 +73,40 @@ def load_finetune_data(cfg: RunConfig, tokenizer) -> tuple[list, list | None, st
     )
 
 
-def build_train_loader(cfg: RunConfig, plan, examples, tokenizer, world):
+def build_train_loader(cfg: RunConfig, plan, examples, tokenizer, world, device: torch.device):
     from t5forge.data.finetune_loader import FinetuneLoader
 
+    source_len, target_len = pack_capacity(cfg, plan, device)
     return FinetuneLoader(
         examples, tokenizer, batch_size=plan.batch_size, grad_acc=plan.grad_acc, rank=world.rank,
         world_size=world.world_size, max_source_length=cfg.finetune.max_seq_len,
         max_target_length=cfg.finetune.max_target_len, seed=cfg.seed, train=True, pack=cfg.finetune.pack,
-        pack_source_len=cfg.finetune.pack_source_len or None, pack_target_len=cfg.finetune.pack_target_len or None,
+        pack_source_len=source_len, pack_target_len=target_len,
     )
+
+
+def _packing_note(loader) -> str:
+    if not loader.pack:
+        return ""
+    caps = [("the micro-batch's longest" if c is None else f"up to {c}") for c in (loader.pack_source_len,
+                                                                                  loader.pack_target_len)]
+    return f"; packed rows: source {caps[0]}, target {caps[1]} tokens"
+
+
+def pack_capacity(cfg: RunConfig, plan, device: torch.device) -> tuple[int | None, int | None]:
+    """Packed rows' (source, target) capacity; None = the micro-batch's longest example. Explicit
+    finetune.pack_source_len / pack_target_len win. Left at 0: where attention runs example by
+    example (sdpa on CPU, uncompiled: model/attention.py's spans) a row's width costs nothing extra,
+    so the whole micro-batch goes into one row, padding-free; elsewhere attention over a packed row
+    costs rows x width^2 (dense masks) or compiles per width (flex), so rows stay at the longest."""
+    f = cfg.finetune
+    if f.pack_source_len or f.pack_target_len or cfg.model.compile:
+        return f.pack_source_len or None, f.pack_target_len or None
+    from t5forge.model.attention import use_spans
+
+    if not use_spans(cfg.model.attention, device):
+        return None, None
+    return f.max_seq_len * plan.micro_batch_size, f.max_target_len * plan.micro_batch_size
 
 
 def generation_metrics(model, tokenizer, examples, *, cfg, batch_size, device, autocast, world, out_dir, metadata):
@@ -175,7 +200,7 @@ def _run(cfg: RunConfig, world) -> int:
     model = build_model(cfg, tokenizer, device)
     optimizer = build_optimizer(model, cfg.optim)
     lr_at = build_schedule(cfg.optim, total_steps=plan.total_steps)
-    train_loader = build_train_loader(cfg, plan, train_examples, tokenizer, world)
+    train_loader = build_train_loader(cfg, plan, train_examples, tokenizer, world, device)
 
     state = resume_or_seed(resume_from, cfg, model, optimizer, train_loader, world)
 
@@ -185,7 +210,8 @@ def _run(cfg: RunConfig, world) -> int:
     logger = start_run_files(
         cfg, run_dir, state, resume_from is not None, plan.total_steps, world,
         f"{plan.summary()}\ndata: {epochs}{len(train_examples)} training examples "
-        f"({train_loader.steps_per_epoch} steps per epoch), {held_out}\nmodel: {model.num_parameters():,} parameters",
+        f"({train_loader.steps_per_epoch} steps per epoch), {held_out}{_packing_note(train_loader)}\n"
+        f"model: {model.num_parameters():,} parameters",
     )
     evaluate = None
     if eval_examples:
