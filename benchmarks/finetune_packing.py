@@ -209,6 +209,11 @@ def markdown(r: dict) -> str:
         lines.append(f"| {name} | {x['rows_per_batch']:.1f} | {x['source_width']:.0f} x {x['target_width']:.0f} "
                      f"| {x['padding_fraction']:.0%} | {x['tokens_per_s']:,.0f} | {x['median_step_s']:.2f} |")
     lines += ["", f"Packed / padded speed: **{r['speedup']:.2f}x** (median over rounds of the per-round ratio).", ""]
+    cells = {name: x["real_tokens_per_batch"] / (1 - x["padding_fraction"]) for name, x in r["layouts"].items()}
+    lines += [f"Token positions (source + target, padding included) per micro-batch: padded {cells['padded']:,.0f}, "
+              f"packed {cells['packed']:,.0f}, {cells['padded'] / cells['packed']:.2f}x fewer; the linear layers' work "
+              "scales with these. The rest of a step does not shrink with them: the optimizer, gradient clipping "
+              "and the embedding gradient cost the same per step in both layouts.", ""]
     if "fewest_rows_per_batch" in r and r["pack_capacity"] == [0, 0]:  # packed rows as wide as padded ones
         padded_rows = r["layouts"]["padded"]["rows_per_batch"]
         lines += [f"Bound at this row width: the examples' real tokens need at least "

@@ -10,10 +10,12 @@ padded batch's; only the layout changes, never which examples or tokens are trai
 
 Rows are filled first-fit in order of decreasing source length (ties by position): deterministic,
 and close to the optimum for bin packing. The loader's default capacity is the micro-batch's
-longest example, so a packed row is never wider than the padded batch: with dense attention
-(eager / sdpa), whose cost per row grows with width^2, packing into rows longer than that can cost
-more than it saves (measured: benchmarks/finetune_packing.md). FlexAttention skips the masked
-blocks between examples, so with it longer rows (finetune.pack_source_len) pay off.
+longest example, so a packed row is never wider than the padded batch: with a dense block-diagonal
+mask (eager, sdpa on GPU), whose cost per row grows with width^2, longer rows can cost more than
+they save. Where attention skips the pairs between examples, longer rows pay off: sdpa on CPU
+attends example by example (model/attention.py), so `t5forge finetune` then packs each micro-batch
+into one row (train/finetune.py, pack_capacity); FlexAttention skips the masked blocks, so
+finetune.pack_source_len can ask for wide rows there.
 """
 
 from __future__ import annotations

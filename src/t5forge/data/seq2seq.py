@@ -276,8 +276,8 @@ def collate_packed(
     """The same examples and token ids as collate_seq2seq, packed several to a row (data/packing.py):
     dict(input_ids, encoder_segment_ids, labels, decoder_segment_ids). A row's capacity is the
     batch's longest example, or the given capacity when that is larger. At the batch's longest no
-    row is wider than the padded batch's, so dense attention (cost ~ rows x width^2) never costs
-    more than padded, and the rows saved are all gain."""
+    row is wider than the padded batch's, so even dense attention (cost ~ rows x width^2) never
+    costs more than padded; a capacity of the whole batch gives one row (data/packing.py)."""
     from t5forge.data.packing import pack_seq2seq
 
     source_ids, target_ids = tokenize_seq2seq(examples, tokenizer, max_source_length, max_target_length, rng)
