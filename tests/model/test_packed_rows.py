@@ -186,3 +186,19 @@ def test_segment_spans_pair_each_example_with_its_own_keys():
     assert segment_spans(q, k) == [(0, 0, 2, 0, 3), (0, 2, 3, 3, 5), (1, 0, 1, 0, 2), (1, 1, 4, 2, 3)]
     with pytest.raises(ValueError, match="segment 1 is not contiguous"):
         segment_spans(torch.tensor([[1, 2, 1]]), torch.tensor([[1, 2, 1]]))
+
+
+def test_span_attention_backward_passes_gradcheck():
+    # Two rows, padding at the ends, a shared bias read at its top-left corners; double precision.
+    from t5forge.model.attention import _SpanAttention
+
+    g = torch.Generator().manual_seed(0)
+    q_seg = torch.tensor([[1, 1, 1, 2, 2, 0], [1, 1, 2, 2, 2, 2]])
+    k_seg = torch.tensor([[1, 1, 2, 2, 2, 0, 0], [1, 2, 2, 2, 0, 0, 0]])
+    for keys, with_bias in [(q_seg, True), (k_seg, False)]:  # self-attention with a bias; cross without
+        spans = segment_spans(q_seg, keys)
+        q = torch.randn(2, 3, 6, 4, dtype=torch.double, generator=g, requires_grad=True)
+        k, v = (torch.randn(2, 3, keys.shape[1], 4, dtype=torch.double, generator=g, requires_grad=True)
+                for _ in range(2))
+        bias = torch.randn(1, 3, 4, 4, dtype=torch.double, generator=g, requires_grad=True) if with_bias else None
+        assert torch.autograd.gradcheck(lambda *t: _SpanAttention.apply(*t, spans), (q, k, v, bias))

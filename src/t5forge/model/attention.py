@@ -258,19 +258,20 @@ class _SpanAttention(torch.autograd.Function):
             probs.append(p)
         out = out.transpose(1, 2)
         _zero_outside(out, [(b, q0, q1) for b, q0, q1, _, _ in spans])
-        ctx.save_for_backward(q, k, v, out)
-        ctx.probs, ctx.spans, ctx.bias_meta = probs, spans, None if bias is None else (bias.shape, bias.dtype)
+        # The probabilities too (intermediates may be saved): autograd frees them after the backward.
+        ctx.save_for_backward(q, k, v, out, *probs)
+        ctx.spans, ctx.bias_meta = spans, None if bias is None else (bias.shape, bias.dtype)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out = ctx.saved_tensors
+        q, k, v, out, *probs = ctx.saved_tensors
         dq, dk, dv = (t.new_empty(t.shape[0], t.shape[2], t.shape[1], t.shape[3]) for t in (q, k, v))  # (B, L, H, D)
         dbias = None
         if ctx.bias_meta is not None and ctx.needs_input_grad[3]:
             dbias = torch.zeros(ctx.bias_meta[0], dtype=ctx.bias_meta[1], device=q.device)
         neg_delta = (dout * out).sum(-1, keepdim=True).neg_()  # (B, H, Q, 1) = -rowsum(dP * P)
-        for (b, q0, q1, k0, k1), p in zip(ctx.spans, ctx.probs):
+        for (b, q0, q1, k0, k1), p in zip(ctx.spans, probs):
             d = dout[b, :, q0:q1]
             dv[b, k0:k1] = torch.bmm(p.transpose(-2, -1), d).transpose(0, 1)
             ds = torch.baddbmm(neg_delta[b, :, q0:q1], d, v[b, :, k0:k1].transpose(-2, -1)).mul_(p)  # P * (dP - delta)
@@ -282,7 +283,6 @@ class _SpanAttention(torch.autograd.Function):
         _zero_outside(dq, [(b, q0, q1) for b, q0, q1, _, _ in ctx.spans])
         for grad in (dk, dv):
             _zero_outside(grad, [(b, k0, k1) for b, _, _, k0, k1 in ctx.spans])
-        ctx.probs = None  # free them now, not when the graph goes
         return dq, dk, dv, dbias, None
 
 
