@@ -52,3 +52,20 @@ def _copy(model):
     clone = T5(model.config)
     clone.load_state_dict(model.state_dict())
     return clone
+
+
+def test_clip_gradients_matches_torch_clip_grad_norm():
+    from t5forge.train.loop import clip_gradients
+
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(50, 20, generator=g), torch.randn(7, generator=g)]  # total norm ~32
+    for max_norm in (0.0, 1.0, 100.0):  # no limit, clipping, a limit above the norm
+        ours, ref = ([torch.nn.Parameter(torch.zeros_like(x)) for x in grads] for _ in range(2))
+        for a, b, x in zip(ours, ref, grads):
+            a.grad, b.grad = x.clone(), x.clone()
+        norm = clip_gradients(ours, max_norm)
+        want = torch.nn.utils.clip_grad_norm_(ref, max_norm if max_norm > 0 else float("inf"))
+        torch.testing.assert_close(norm, want)
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0.0)
+        assert (max_norm == 1.0) == (float(sum(p.grad.square().sum() for p in ours)) ** 0.5 < 1.01)
