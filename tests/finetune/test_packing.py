@@ -130,17 +130,25 @@ def test_pack_config_keys_and_a_capacity_below_the_longest_example(sni_train, t5
         pack_seq2seq([[1]], [], source_capacity=4, target_capacity=4, pad_id=0)
 
 
-def test_finetune_cli_trains_with_packed_batches(tmp_path, tiny_model_dir, sni_dir):
-    out = tmp_path / "run"
-    argv = ["finetune", "task=ft_tiny", f"out_dir={out}", f"model.checkpoint_path={tiny_model_dir}",
-            f"finetune.sni_dir={sni_dir}", "finetune.max_num_instances_per_task=5", "finetune.max_seq_len=192",
-            "finetune.max_target_len=16", "finetune.pack=true", "optim.total_steps=4", "eval.steps=0",
-            "checkpoint.every_steps=4"]
-    assert main(argv) == 0
-    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in recs if r["kind"] == "train"]
-    assert [r["step"] for r in train] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in train)
-    assert "pack: true" in (out / "config.yaml").read_text()
+def test_finetune_cli_trains_with_packed_batches(tmp_path, tiny_model_dir, sni_dir, capsys):
+    # The same run padded and packed (on CPU: one row per micro-batch, attention per example):
+    # every step's logged loss and gradient norm agree, so the updates did too.
+    train = {}
+    for pack in ("false", "true"):
+        out = tmp_path / f"pack-{pack}"
+        argv = ["finetune", "task=ft_tiny", f"out_dir={out}", f"model.checkpoint_path={tiny_model_dir}",
+                f"finetune.sni_dir={sni_dir}", "finetune.max_num_instances_per_task=5", "finetune.max_seq_len=192",
+                "finetune.max_target_len=16", f"finetune.pack={pack}", "optim.total_steps=4", "eval.steps=0",
+                "checkpoint.every_steps=4", "logging.every_steps=1", "precision=fp32"]
+        assert main(argv) == 0
+        recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        train[pack] = [r for r in recs if r["kind"] == "train"]
+        assert f"pack: {pack}" in (out / "config.yaml").read_text()
+    assert "packed rows: source up to 768, target up to 64 tokens" in capsys.readouterr().out  # 4 examples x 192 / 16
+    assert [r["step"] for r in train["true"]] == [1, 2, 3, 4]
+    for padded, packed in zip(train["false"], train["true"]):
+        assert packed["loss"] == pytest.approx(padded["loss"], rel=1e-5)
+        assert packed["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-4)
 
 
 def test_pack_capacity_puts_a_cpu_micro_batch_in_one_row_with_sdpa(sni_train, t5_tokenizer):
