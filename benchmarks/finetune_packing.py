@@ -85,8 +85,6 @@ def fewest_rows(batch) -> int:
 
 def row_capacity(args, device) -> tuple[int | None, int | None]:
     """(source, target) packed row capacity, None = the batch's longest; -1 asks t5forge finetune's rule."""
-    from types import SimpleNamespace
-
     from t5forge.config import load_config
     from t5forge.train.finetune import pack_capacity
 
@@ -94,7 +92,7 @@ def row_capacity(args, device) -> tuple[int | None, int | None]:
         return args.pack_source_len or None, args.pack_target_len or None
     cfg = load_config(["finetune.pack=true", f"model.attention={args.attention}",
                        f"finetune.max_seq_len={MAX_SOURCE}", f"finetune.max_target_len={MAX_TARGET}"], base="ft")
-    auto = pack_capacity(cfg, SimpleNamespace(micro_batch_size=args.batch), device)
+    auto = pack_capacity(cfg, args.batch, device)
     return tuple(a if given < 0 else (given or None) for a, given in zip(auto, (args.pack_source_len,
                                                                                  args.pack_target_len)))
 

@@ -132,38 +132,42 @@ def test_pack_config_keys_and_a_capacity_below_the_longest_example(sni_train, t5
 
 def test_finetune_cli_trains_with_packed_batches(tmp_path, tiny_model_dir, sni_dir, capsys):
     # The same run padded and packed (on CPU: one row per micro-batch, attention per example):
-    # every step's logged loss and gradient norm agree, so the updates did too.
-    train = {}
+    # every step's logged loss and gradient norm agree, so the updates did too, and the held-out
+    # loss (packed the same way) agrees at the end.
+    train, held_out = {}, {}
     for pack in ("false", "true"):
         out = tmp_path / f"pack-{pack}"
         argv = ["finetune", "task=ft_tiny", f"out_dir={out}", f"model.checkpoint_path={tiny_model_dir}",
                 f"finetune.sni_dir={sni_dir}", "finetune.max_num_instances_per_task=5", "finetune.max_seq_len=192",
-                "finetune.max_target_len=16", f"finetune.pack={pack}", "optim.total_steps=4", "eval.steps=0",
-                "checkpoint.every_steps=4", "logging.every_steps=1", "precision=fp32"]
+                "finetune.max_target_len=16", f"finetune.pack={pack}", "optim.total_steps=4", "eval.steps=2",
+                "eval.every_steps=4", "checkpoint.every_steps=4", "logging.every_steps=1", "precision=fp32"]
         assert main(argv) == 0
         recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         train[pack] = [r for r in recs if r["kind"] == "train"]
+        held_out[pack] = [r for r in recs if r["kind"] == "eval"]
         assert f"pack: {pack}" in (out / "config.yaml").read_text()
     assert "packed rows: source up to 768, target up to 64 tokens" in capsys.readouterr().out  # 4 examples x 192 / 16
     assert [r["step"] for r in train["true"]] == [1, 2, 3, 4]
     for padded, packed in zip(train["false"], train["true"]):
         assert packed["loss"] == pytest.approx(padded["loss"], rel=1e-5)
         assert packed["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-4)
+    (padded,), (packed,) = held_out["false"], held_out["true"]
+    assert packed["eval_tokens"] == padded["eval_tokens"] > 0
+    assert packed["eval_loss"] == pytest.approx(padded["eval_loss"], rel=1e-5)
+    assert packed["eval_accuracy"] == pytest.approx(padded["eval_accuracy"], abs=1e-9)
 
 
 def test_pack_capacity_puts_a_cpu_micro_batch_in_one_row_with_sdpa(sni_train, t5_tokenizer):
-    from types import SimpleNamespace
-
     from t5forge.train.finetune import pack_capacity
 
-    plan, cpu = SimpleNamespace(micro_batch_size=4), torch.device("cpu")
+    per_batch, cpu = 4, torch.device("cpu")  # examples per micro-batch
     args = ["finetune.pack=true", "finetune.max_seq_len=256", "finetune.max_target_len=32"]
     cfg = load_config(args, base="ft")
-    assert pack_capacity(cfg, plan, cpu) == (1024, 128)  # every micro-batch fits one row
-    assert pack_capacity(cfg, plan, torch.device("cuda")) == (None, None)  # dense masks / flex: the longest
+    assert pack_capacity(cfg, per_batch, cpu) == (1024, 128)  # every micro-batch fits one row
+    assert pack_capacity(cfg, per_batch, torch.device("cuda")) == (None, None)  # dense masks / flex: the longest
     for override, want in [("model.attention=eager", (None, None)), ("model.compile=true", (None, None)),
                            ("finetune.pack_source_len=512", (512, None))]:
-        assert pack_capacity(load_config([*args, override], base="ft"), plan, cpu) == want, override
+        assert pack_capacity(load_config([*args, override], base="ft"), per_batch, cpu) == want, override
     loader = FinetuneLoader(sni_train, t5_tokenizer, batch_size=4, max_source_length=256, max_target_length=32,
                             pack=True, pack_source_len=1024, pack_target_len=128)
     batch = loader.batch(0, 0)

@@ -76,7 +76,7 @@ def load_finetune_data(cfg: RunConfig, tokenizer) -> tuple[list, list | None, st
 def build_train_loader(cfg: RunConfig, plan, examples, tokenizer, world, device: torch.device):
     from t5forge.data.finetune_loader import FinetuneLoader
 
-    source_len, target_len = pack_capacity(cfg, plan, device)
+    source_len, target_len = pack_capacity(cfg, plan.micro_batch_size, device)
     return FinetuneLoader(
         examples, tokenizer, batch_size=plan.batch_size, grad_acc=plan.grad_acc, rank=world.rank,
         world_size=world.world_size, max_source_length=cfg.finetune.max_seq_len,
@@ -93,8 +93,9 @@ def _packing_note(loader) -> str:
     return f"; packed rows: source {caps[0]}, target {caps[1]} tokens"
 
 
-def pack_capacity(cfg: RunConfig, plan, device: torch.device) -> tuple[int | None, int | None]:
-    """Packed rows' (source, target) capacity; None = the micro-batch's longest example. Explicit
+def pack_capacity(cfg: RunConfig, examples_per_batch: int, device: torch.device) -> tuple[int | None, int | None]:
+    """Packed rows' (source, target) capacity for micro-batches of `examples_per_batch` examples;
+    None = the micro-batch's longest example. Explicit
     finetune.pack_source_len / pack_target_len win. Left at 0: where attention runs example by
     example (sdpa on CPU, uncompiled: model/attention.py's spans) a row's width costs nothing extra,
     so the whole micro-batch goes into one row, padding-free; elsewhere attention over a packed row
@@ -106,7 +107,7 @@ def pack_capacity(cfg: RunConfig, plan, device: torch.device) -> tuple[int | Non
 
     if not use_spans(cfg.model.attention, device):
         return None, None
-    return f.max_seq_len * plan.micro_batch_size, f.max_target_len * plan.micro_batch_size
+    return f.max_seq_len * examples_per_batch, f.max_target_len * examples_per_batch
 
 
 def generation_metrics(model, tokenizer, examples, *, cfg, batch_size, device, autocast, world, out_dir, metadata):
@@ -147,15 +148,21 @@ def finetune_evaluator(cfg: RunConfig, plan, examples, name, tokenizer, model, d
         if world.is_main:
             print("t5forge.eval.generation is not available: evaluating the held-out loss only")
 
+    # An evaluation micro-batch holds a whole step's examples (batch_size / world size), not the
+    # training micro-batch's, so the one-row capacity is sized for that many.
+    eval_capacity = pack_capacity(cfg, plan.batch_size // world.world_size, device)
+
     def evaluate(step: int) -> dict:
         t0 = time.perf_counter()
         # The first reference of every example, in file order, one pass: the same batches every time.
         # An evaluation batch is one optimizer step's worth (optim.batch_size) split over the ranks,
         # without gradient accumulation, so eval.steps means the same examples at any world size.
+        # Packed like the training batches when finetune.pack is on: the same sums, less padding.
         loader = FinetuneLoader(
             examples, tokenizer, batch_size=plan.batch_size, rank=world.rank,
             world_size=world.world_size, max_source_length=cfg.finetune.max_seq_len,
-            max_target_length=cfg.finetune.max_target_len, seed=cfg.seed, train=False,
+            max_target_length=cfg.finetune.max_target_len, seed=cfg.seed, train=False, pack=cfg.finetune.pack,
+            pack_source_len=eval_capacity[0], pack_target_len=eval_capacity[1],
         )
         metrics = evaluate_loss(model, itertools.islice(iter(loader), cfg.eval.steps), device,
                                 autocast=autocast, world=world)
