@@ -62,15 +62,21 @@ def model(backend: str, name: str = "tiny", **overrides) -> T5:
     return T5(config)
 
 
-@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "sdpa-dense"])
 @pytest.mark.parametrize("tied", [False, True])
-def test_packed_loss_and_gradients_equal_the_padded_batch(backend, tied):
+def test_packed_loss_and_gradients_equal_the_padded_batch(backend, tied, monkeypatch):
+    dense = backend == "sdpa-dense"
+    if dense:  # the dense block-diagonal mask sdpa gets on a GPU (spans are CPU-only)
+        monkeypatch.setattr("t5forge.model.t5.use_spans", lambda backend, device: False)
+        backend = "sdpa"
     m = model(backend, tie_word_embeddings=tied, feed_forward_proj="relu" if tied else "gated-gelu")
     exs = examples(128)
     ref = m(**padded(exs), loss_reduction="sum").loss
     ref_grads = torch.autograd.grad(ref, list(m.parameters()))
     batch, _ = packed(exs)
     loss = m(**batch, loss_reduction="sum").loss
+    kinds = attention_kinds(loss)
+    assert ("_SpanAttentionBackward" in kinds) == (backend == "sdpa" and not dense), kinds
     grads = torch.autograd.grad(loss, list(m.parameters()))
     torch.testing.assert_close(loss, ref, **TOL)
     for (name, _), g, want in zip(m.named_parameters(), grads, ref_grads):
