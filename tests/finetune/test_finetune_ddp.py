@@ -30,15 +30,17 @@ def history(run_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("pack", ["false", "true"])
 def test_two_ranks_equal_one_process_with_accumulation(tmp_path, tiny_model_dir, sni_dir, pack):
-    # pack=true: the ranks train on packed rows (one per micro-batch on CPU) and evaluate packed
-    # held-out batches; the single padded process must still agree step by step.
+    # pack=true: both runs train on packed rows (one per micro-batch on CPU) and evaluate packed
+    # held-out batches; a rank's micro-batch is the single process's micro-step, laid out the same.
+    # (Packed against padded is test_packing.py's CLI test.)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     run = lambda argv: subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
     done = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "t5forge", *args(ddp, tiny_model_dir, sni_dir), "optim.grad_acc=1", f"finetune.pack={pack}"])
     assert done.returncode == 0, done.stderr[-3000:]
-    done = run([sys.executable, "-m", "t5forge", *args(single, tiny_model_dir, sni_dir), "optim.grad_acc=2"])
+    done = run([sys.executable, "-m", "t5forge", *args(single, tiny_model_dir, sni_dir), "optim.grad_acc=2",
+                f"finetune.pack={pack}"])
     assert done.returncode == 0, done.stderr[-3000:]
 
     a, b = history(ddp), history(single)

@@ -65,6 +65,7 @@ def model(backend: str, name: str = "tiny", **overrides) -> T5:
 @pytest.mark.parametrize("backend", ["eager", "sdpa", "sdpa-dense"])
 @pytest.mark.parametrize("tied", [False, True])
 def test_packed_loss_and_gradients_equal_the_padded_batch(backend, tied, monkeypatch):
+    monkeypatch.setattr("t5forge.model.attention.SPAN_OVERHEAD_CELLS", 0)  # spans even for these short examples
     dense = backend == "sdpa-dense"
     if dense:  # the dense block-diagonal mask sdpa gets on a GPU (spans are CPU-only)
         monkeypatch.setattr("t5forge.model.t5.use_spans", lambda backend, device: False)
@@ -140,8 +141,9 @@ def attention_kinds(loss) -> set[str]:
 
 
 @pytest.mark.parametrize("rows", [ROWS, [[0, 1, 2, 3, 4]], [[4, 0], [2], [3, 1]]])
-def test_sdpa_spans_on_cpu_equal_the_padded_batch_and_the_dense_mask(rows):
+def test_sdpa_spans_on_cpu_equal_the_padded_batch_and_the_dense_mask(rows, monkeypatch):
     # One row holding the whole batch (the CPU default with sdpa) and an unsorted placement too.
+    monkeypatch.setattr("t5forge.model.attention.SPAN_OVERHEAD_CELLS", 0)  # spans even for these short examples
     exs = examples(128, seed=3)
     ref_model, m = model("eager"), model("sdpa")
     batch, _ = packed(exs, rows=rows)
@@ -157,7 +159,8 @@ def test_sdpa_spans_on_cpu_equal_the_padded_batch_and_the_dense_mask(rows):
         assert (g - want).abs().max() <= 1e-5 * max(want.abs().max(), 1e-3), name
 
 
-def test_sdpa_spans_under_bf16_autocast_match_the_padded_batch():
+def test_sdpa_spans_under_bf16_autocast_match_the_padded_batch(monkeypatch):
+    monkeypatch.setattr("t5forge.model.attention.SPAN_OVERHEAD_CELLS", 0)
     exs = examples(128, seed=4)
     m = model("sdpa")
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -208,3 +211,26 @@ def test_span_attention_backward_passes_gradcheck():
                 for _ in range(2))
         bias = torch.randn(1, 3, 4, 4, dtype=torch.double, generator=g, requires_grad=True) if with_bias else None
         assert torch.autograd.gradcheck(lambda *t: _SpanAttention.apply(*t, spans), (q, k, v, bias))
+
+
+def test_each_attention_of_a_packed_row_takes_the_cheaper_layout():
+    # SNI-like: long sources, few-token targets, all in one row. The encoder attends example by
+    # example (spans); the decoder's short row is cheaper with dense block-diagonal masks (self- and
+    # cross-attention here). Mixed, the result is still the padded batch's.
+    from t5forge.model.attention import cheaper_as_spans
+
+    g = torch.Generator().manual_seed(6)
+    exs = [(torch.randint(2, 128, (s,), generator=g), torch.randint(2, 128, (t,), generator=g))
+           for s, t in [(150, 3), (120, 5), (160, 2), (90, 4), (140, 3)]]
+    m = model("sdpa")
+    ref = m(**padded(exs), loss_reduction="sum").loss
+    ref_grads = torch.autograd.grad(ref, list(m.parameters()))
+    loss = m(**packed(exs, rows=[[0, 1, 2, 3, 4]], width_pad=0)[0], loss_reduction="sum").loss
+    kinds = attention_kinds(loss)  # encoder: spans; decoder self-attention: the dense-mask kernel
+    assert {"_SpanAttentionBackward", "_BiasedAttentionBackward"} <= kinds, kinds
+    torch.testing.assert_close(loss, ref, **TOL)
+    for (name, _), g, want in zip(m.named_parameters(), torch.autograd.grad(loss, list(m.parameters())), ref_grads):
+        assert (g - want).abs().max() <= 1e-5 * max(want.abs().max(), 1e-3), name
+    spans = [(0, 0, 150, 0, 150), (0, 150, 270, 150, 270)]
+    assert cheaper_as_spans(spans, 1, 270, 270) == spans  # 40,900 + 2 x 4,096 cells < 72,900
+    assert cheaper_as_spans([(0, 0, 3, 0, 3), (0, 3, 8, 3, 8)], 1, 8, 8) is None

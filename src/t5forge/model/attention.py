@@ -26,7 +26,9 @@ blocks between different examples are skipped rather than masked. sdpa on CPU go
 further (`segment_spans`, `_SpanAttention`): each example attends over its own slice of the row,
 so attention costs sum(length^2) over the examples whatever the row width, and a micro-batch can
 be packed into one row with no padding to speak of. T5's bias depends only on key - query, so
-every example reads the top-left corner of one (H, longest, longest) bias.
+every example reads the top-left corner of one (H, longest, longest) bias. Each attention of a
+stack takes whichever layout costs less (`cheaper_as_spans`): SNI's long prompts go by example,
+its few-token targets as one short dense row.
 """
 
 from __future__ import annotations
@@ -126,6 +128,20 @@ def segment_spans(query_segments: torch.Tensor, key_segments: torch.Tensor) -> l
             if segment and segment in keys:
                 spans.append((b, q0, q1, *keys[segment]))
     return spans
+
+
+# One span's fixed cost (a dozen small calls forward and backward, ~0.2 ms on CPU) in units of
+# score cells (query x key pairs, all heads): what a dense mask computes in that time. Measured on a
+# 2-core Xeon at t5-v1.1-small; only its order of magnitude matters.
+SPAN_OVERHEAD_CELLS = 4096
+
+
+def cheaper_as_spans(spans: list, rows: int, q_len: int, k_len: int) -> list | None:
+    """`spans` if attending example by example costs less than a dense block-diagonal mask over the
+    (rows, q_len, k_len) score cells, else None. Wide encoder rows: spans by far; a short decoder row
+    of many few-token targets: the dense mask (the spans would each cost more in calls than in work)."""
+    cells = sum((q1 - q0) * (k1 - k0) for _, q0, q1, k0, k1 in spans)
+    return spans if cells + SPAN_OVERHEAD_CELLS * len(spans) < rows * q_len * k_len else None
 
 
 def use_spans(backend: str, device: torch.device) -> bool:

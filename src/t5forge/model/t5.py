@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from t5forge.model.attention import attend, compute_dtype, make_attention_bias, segment_spans, use_spans
+from t5forge.model.attention import (
+    attend, cheaper_as_spans, compute_dtype, make_attention_bias, segment_spans, use_spans,
+)
 from t5forge.model.config import T5Config
 from t5forge.model.cross_entropy import linear_cross_entropy
 
@@ -249,25 +251,27 @@ class Stack(nn.Module):
         if backend == "flex" and cache is not None:
             backend = "sdpa"  # one query per step: a block mask per step would cost more than it saves
         # One bias for all layers: relative positions + padding (+ causal) mask, computed once.
-        if segments is not None and use_spans(backend, x.device):
-            # Packed rows, attended example by example: a bias as large as the longest example only.
-            spans = segment_spans(segments, segments)
+        # Packed rows on CPU: example by example (spans) where that costs less than a dense mask.
+        by_example = segments is not None and use_spans(backend, x.device)
+        spans = cheaper_as_spans(segment_spans(segments, segments), *segments.shape, L) if by_example else None
+        if spans is not None:  # a bias as large as the longest example only
             n = max((q1 - q0 for _, q0, q1, _, _ in spans), default=1)
             self_bias = make_attention_bias(backend, n, n, self.relative_bias.weight, self.buckets(n, n),
                                             causal=self.is_decoder and n > 1, dtype=dtype, spans=spans)
-            cross_bias = None
-            if self.is_decoder:
-                cross_bias = make_attention_bias(backend, L, enc.shape[1], dtype=dtype,
-                                                 spans=segment_spans(segments, enc_segments))
         else:
             self_bias = make_attention_bias(
                 backend, L, offset + L, self.relative_bias.weight, self.buckets(L, offset + L, offset), mask,
                 causal=self.is_decoder and L > 1, query_offset=offset, dtype=dtype,
                 query_segments=segments, key_segments=segments,
             )
-            cross_bias = None
-            if self.is_decoder:
-                cross_bias = make_attention_bias(backend, L, enc.shape[1], key_padding_mask=enc_mask, dtype=dtype,
+        cross_bias = None
+        if self.is_decoder:
+            S = enc.shape[1]
+            spans = cheaper_as_spans(segment_spans(segments, enc_segments), *segments.shape, S) if by_example else None
+            if spans is not None:
+                cross_bias = make_attention_bias(backend, L, S, dtype=dtype, spans=spans)
+            else:
+                cross_bias = make_attention_bias(backend, L, S, key_padding_mask=enc_mask, dtype=dtype,
                                                  query_segments=segments, key_segments=enc_segments)
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):
