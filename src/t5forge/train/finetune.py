@@ -95,11 +95,11 @@ def _packing_note(loader) -> str:
 
 def pack_capacity(cfg: RunConfig, examples_per_batch: int, device: torch.device) -> tuple[int | None, int | None]:
     """Packed rows' (source, target) capacity for micro-batches of `examples_per_batch` examples;
-    None = the micro-batch's longest example. Explicit
-    finetune.pack_source_len / pack_target_len win. Left at 0: where attention runs example by
-    example (sdpa on CPU, uncompiled: model/attention.py's spans) a row's width costs nothing extra,
-    so the whole micro-batch goes into one row, padding-free; elsewhere attention over a packed row
-    costs rows x width^2 (dense masks) or compiles per width (flex), so rows stay at the longest."""
+    None = the micro-batch's longest example. Explicit finetune.pack_source_len / pack_target_len
+    win. Left at 0: where attention runs example by example (sdpa on CPU, uncompiled:
+    model/attention.py's spans) a row's width costs nothing extra, so the whole micro-batch goes
+    into one row, padding-free; elsewhere attention over a packed row costs rows x width^2 (dense
+    masks) or compiles per width (flex), so rows stay at the longest."""
     f = cfg.finetune
     if f.pack_source_len or f.pack_target_len or cfg.model.compile:
         return f.pack_source_len or None, f.pack_target_len or None
