@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -50,6 +51,9 @@ from t5forge.model.hf import hf_to_t5forge_state_dict
 from t5forge.model.t5 import T5
 from t5forge.optim.build import build_optimizer
 from t5forge.train.metrics_log import measure_matmul_flops, t5_flops_per_step
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # matmul_bound, next to this file (also when imported)
+from matmul_bound import record_matmuls, replay_times
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("T5FORGE_DATA", REPO.parent / "shared" / "data")).resolve()
@@ -285,6 +289,10 @@ def bench_shape(args, shape: str, device, peak: float) -> dict:
     result["model_speedup"] = statistics.median(h["model"] / o["model"] for o, h in zip(ours_t, hf_t))
     # Load from other processes only ever slows a step down: the best times are the least disturbed.
     result["speedup_best"] = min(h["step"] for h in hf_t) / min(o["step"] for o in ours_t)
+    for side in sides:  # the matmuls alone (not under torch.compile, whose kernels a dispatch mode cannot time)
+        compiled = (args.compile if side.name == "t5forge" else args.hf_compile) != "none"
+        bound = None if compiled else sum(replay_times(record_matmuls(functools.partial(side.step, False)), device))
+        result["sides"][side.name]["matmul_bound_s"] = bound
     if args.profile:
         result["profile"] = {s.name: profile_step(s) for s in sides}
     del sides, ours, hf
@@ -320,6 +328,10 @@ def profile_step(side: Trainer, rows: int = 25) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
+def _or_dash(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
 def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [f"# Training throughput: t5forge vs transformers ({report['device']}, {report['precision']})", "",
@@ -333,8 +345,9 @@ def markdown(report: dict) -> str:
              f"subnormals {'flushed to zero' if report.get('flush_denormal') else 'kept (torch default)'}"),
              (f"- {report['rounds']} interleaved rounds after {report['warmup']} warm-up step(s); "
              f"load average {report['load_average_start']} at start, {report['load_average_end']} at end"),
-             "", "| shape | side | tokens/s | step s | fwd+bwd s | optimizer s | GFLOP/s | MFU | peak mem | speed-up |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "", ("| shape | side | tokens/s | step s | fwd+bwd s | optimizer s | GFLOP/s | MFU | matmuls alone s "
+                  "| MFU bound | peak mem | speed-up |"),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for res in report["results"]:
         for name, side in res["sides"].items():
             mem = side.get("peak_memory_bytes")
@@ -344,10 +357,14 @@ def markdown(report: dict) -> str:
                 f"| {res['shape']} (B={res['batch_size']}, {res['input_length']}/{res['target_length']}) | {name} "
                 f"| {side['tokens_per_s']:,.0f} | {side['median_step_s']:.3f} | {side['median_model_s']:.3f} "
                 f"| {side['median_optimizer_s']:.3f} | {side['flops_per_s'] / 1e9:,.1f} | {side['mfu']:.1%} "
+                f"| {_or_dash(side.get('matmul_bound_s'), '.3f')} | {_or_dash(side.get('mfu_bound'), '.1%')} "
                 f"| {'-' if mem is None else f'{mem / 2**30:.2f} GiB'} | {ratio} |")
     lines += ["", "speed-up: median over rounds of (transformers step time / t5forge step time) in the same round; "
               "best/best: fastest transformers step over fastest t5forge step. tokens/s, step and MFU use the "
               "median step time; MFU = model FLOPs (t5_flops_per_step) per second over the measured matmul peak. "
+              "matmuls alone: the step's matmul-like kernel calls (mm, bmm, fused SDPA; forward and backward) "
+              "replayed one by one on fresh tensors of the same layout (benchmarks/matmul_bound.py); MFU bound: "
+              "the MFU of a step that took only that long. "
               "Peak memory: " + ("torch.cuda.max_memory_allocated." if report["device"] == "cuda" else
                                  "peak RSS of a separate process training one side for two steps.")]
     for when in ("start", "end"):
@@ -407,6 +424,8 @@ def main() -> None:
         for side in res["sides"].values():
             side["mfu"] = side["flops_per_s"] / peak
             side["model_mfu"] = res["flops_per_step"] / side["median_model_s"] / peak
+            bound = side.get("matmul_bound_s")
+            side["mfu_bound"] = None if bound is None else res["flops_per_step"] / bound / peak
     report.update(matmul_peak_flops=peak, matmul_peak_all=[f"{p / 1e9:.1f}" for p in peaks],
                   load_average_end=round(os.getloadavg()[0], 2), busy_processes_end=busy_processes())
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"train_throughput-{device.type}-{args.precision}"
