@@ -41,6 +41,7 @@ class TensorSpec:
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     dtype: torch.dtype
+    device: str  # some kernels take small host tensors (e.g. the RNG state of GPU flash attention)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class Call:
 
 def _spec(x):
     if isinstance(x, torch.Tensor):
-        return TensorSpec(tuple(x.shape), tuple(x.stride()), x.dtype)
+        return TensorSpec(tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device))
     if isinstance(x, (list, tuple)):  # a tuple either way: a Call must be hashable
         return tuple(_spec(v) for v in x)
     return x
@@ -78,28 +79,29 @@ def record_matmuls(step) -> list[Call]:
     return recorder.calls
 
 
-def _materialise(x, device, generator):
+def _materialise(x, generator):
     if isinstance(x, TensorSpec):
-        t = torch.empty_strided(x.shape, x.stride, dtype=x.dtype, device=device)
+        t = torch.empty_strided(x.shape, x.stride, dtype=x.dtype, device=x.device)
         if x.dtype.is_floating_point:  # small normal values: no subnormals, no overflow in softmax kernels
             t.copy_(torch.randn(t.shape, generator=generator, dtype=torch.float32).mul_(0.1))
         else:
             t.zero_()
         return t
     if isinstance(x, (list, tuple)):
-        return type(x)(_materialise(v, device, generator) for v in x)
+        return type(x)(_materialise(v, generator) for v in x)
     return x
 
 
 def replay_times(calls: list[Call], device: torch.device, repeats: int = 3) -> list[float]:
-    """Each call's median time in seconds when run alone (after one untimed run)."""
+    """Each call's median time in seconds when run alone (after one untimed run) on `device`, where
+    the step ran (its tensors are made where the step had them)."""
     generator = torch.Generator().manual_seed(0)
     cuda = device.type == "cuda"
     cache: dict[Call, float] = {}  # identical calls (same op, layout, arguments) are timed once
     for call in calls:
         if call not in cache:
-            args = _materialise(call.args, device, generator)
-            kwargs = {k: _materialise(v, device, generator) for k, v in call.kwargs}
+            args = _materialise(call.args, generator)
+            kwargs = {k: _materialise(v, generator) for k, v in call.kwargs}
             times = []
             for i in range(repeats + 1):
                 if cuda:
