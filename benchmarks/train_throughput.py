@@ -50,6 +50,7 @@ from types import SimpleNamespace
 
 import torch
 
+from t5forge.model import fused
 from t5forge.model.config import T5Config
 from t5forge.model.hf import hf_to_t5forge_state_dict
 from t5forge.model.t5 import T5
@@ -114,12 +115,21 @@ def build_pair(config: T5Config, hf_attention: str, seed: int = 0):
     return ours, hf
 
 
+def elementwise_compiled(elementwise: str, device, compile_mode: str) -> bool:
+    """--elementwise resolved as `t5forge pretrain` resolves model.compile_elementwise (train/setup.py)."""
+    setting = None if elementwise == "auto" else elementwise == "compiled"
+    return fused.wanted(setting, device, compile_mode != "none")
+
+
 class Trainer:
     """One side of the comparison: a model, its optimizer and a timed training step."""
 
-    def __init__(self, name: str, model, batch: dict, device, precision: str, compile_mode: str):
+    def __init__(self, name: str, model, batch: dict, device, precision: str, compile_mode: str,
+                 elementwise: str = "auto"):
         self.name, self.device = name, device
         self.model = model.to(device).train()
+        if isinstance(model, T5):
+            model.compile_elementwise(elementwise_compiled(elementwise, device, compile_mode))
         self.batch = {k: v.to(device) for k, v in batch.items()}
         self.n_targets = int((batch["labels"] != -100).sum())
         optim_cfg = SimpleNamespace(name="adamwscale", base_lr=2e-2, weight_decay=0.0)
@@ -186,7 +196,8 @@ def matmul_peak(device, dtype) -> float:
 def cpu_peak_memory(args, shape: str, side: str) -> int:
     """Peak RSS (bytes) of a fresh process training `side` for two steps (optimizer state included)."""
     cmd = [sys.executable, __file__, "--memory-probe", side, "--shapes", shape, "--precision", args.precision,
-           "--attention", args.attention, "--hf-attention", args.hf_attention, "--compile", args.compile]
+           "--attention", args.attention, "--hf-attention", args.hf_attention, "--compile", args.compile,
+           "--elementwise", args.elementwise]
     if args.flush_denormal:
         cmd.append("--flush-denormal")
     if args.batch:
@@ -202,7 +213,7 @@ def memory_probe(args) -> None:
     model = ours if args.memory_probe == "t5forge" else hf
     del ours, hf  # only `model` stays alive
     trainer = Trainer(args.memory_probe, model, batch, torch.device("cpu"), args.precision,
-                      args.compile if args.memory_probe == "t5forge" else "none")
+                      args.compile if args.memory_probe == "t5forge" else "none", args.elementwise)
     for _ in range(2):
         trainer.step(record=False)
     print(json.dumps({"peak_rss": peak_rss()}))
@@ -261,7 +272,7 @@ def bench_shape(args, shape: str, device, peak: float) -> dict:
     tokens = batch["input_ids"].numel() + int((batch["labels"] != -100).sum())
     flops = t5_flops_per_step(config, batch_size, INPUT_LENGTH, batch["labels"].shape[1])
     ours, hf = build_pair(config, args.hf_attention)
-    sides = [Trainer("t5forge", ours, batch, device, args.precision, args.compile),
+    sides = [Trainer("t5forge", ours, batch, device, args.precision, args.compile, args.elementwise),
              Trainer("transformers", hf, batch, device, args.precision, args.hf_compile)]
     first_loss = {}
     for _ in range(args.warmup):
@@ -323,7 +334,8 @@ def cuda_peak_memory(args, shape: str, side: str, device) -> int:
     batch, _ = real_batch(batch_size, config.vocab_size)
     ours, hf = build_pair(config, args.hf_attention)
     model = ours if side == "t5forge" else hf
-    trainer = Trainer(side, model, batch, device, args.precision, args.compile if side == "t5forge" else args.hf_compile)
+    trainer = Trainer(side, model, batch, device, args.precision,
+                      args.compile if side == "t5forge" else args.hf_compile, args.elementwise)
     trainer.step(record=False)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats(device)
@@ -353,7 +365,8 @@ def markdown(report: dict) -> str:
              f"{report['matmul_peak_flops'] / 1e9:,.1f} GFLOP/s (best of {report['matmul_peak_all']})"),
              (f"- versions: python {env['python']}, torch {env['torch']}, transformers {env['transformers']}; "
              f"git {env['git_sha'][:12]}{' + uncommitted changes' if env['uncommitted_changes'] else ''}"),
-             (f"- t5forge attention `{report['attention']}`, compile `{report['compile']}`; transformers attention "
+             (f"- t5forge attention `{report['attention']}`, compile `{report['compile']}`, elementwise stretches "
+              f"{'compiled' if report.get('elementwise_compiled') else 'eager'}; transformers attention "
              f"`{report['hf_attention']}`, compile `{report['hf_compile']}`; optimizer AdamWScale on both; "
              f"subnormals {'flushed to zero' if report.get('flush_denormal') else 'kept (torch default)'}"),
              (f"- {report['rounds']} interleaved rounds after {report['warmup']} warm-up step(s); "
@@ -398,6 +411,9 @@ def main() -> None:
     parser.add_argument("--hf-attention", default="sdpa", help="transformers attn_implementation")
     parser.add_argument("--compile", choices=("none", "model"), default="none", help="torch.compile t5forge's model")
     parser.add_argument("--hf-compile", choices=("none", "model"), default="none")
+    parser.add_argument("--elementwise", choices=("auto", "compiled", "eager"), default="auto",
+                        help="t5forge's residual adds, norms and gated activations (model.compile_elementwise): "
+                             "auto = as t5forge pretrain does (compiled on CPU unless --compile model)")
     parser.add_argument("--batch", type=int, default=None,
                         help="batch size for every shape (default: 16 at tiny, 8 at small and base)")
     parser.add_argument("--rounds", type=int, default=5)
@@ -423,6 +439,8 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, as the peak is measured
     report = {"device": device.type, "precision": args.precision, "attention": args.attention,
               "hf_attention": args.hf_attention, "compile": args.compile, "hf_compile": args.hf_compile,
+              "elementwise": args.elementwise,
+              "elementwise_compiled": elementwise_compiled(args.elementwise, device, args.compile),
               "flush_denormal": args.flush_denormal, "rounds": args.rounds, "warmup": args.warmup,
               "environment": environment(device),
               "busy_processes_start": busy_processes(), "load_average_start": round(os.getloadavg()[0], 2)}

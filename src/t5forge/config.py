@@ -47,6 +47,9 @@ class ModelConfig:
                                 "continued pre-training / fine-tuning; '' = none")
     random_init: bool = _key(True, "without checkpoint_path: true = fresh weights, false = model.name's pretrained weights")
     compile: bool = _key(False, "torch.compile the model")
+    compile_elementwise: Optional[bool] = _key(None, "torch.compile only the residual adds, norms and gated "
+                                               "activations while training on CPU (model/fused.py); null = on "
+                                               "there unless model.compile")
     attention: str = _key("sdpa", "attention back end: sdpa | eager | flex (FlexAttention, GPU training)")
     dropout_rate: float = _key(0.0, "dropout everywhere (nanoT5 overwrites T5's 0.1 with 0.0)")
     # Architecture overrides on top of model.name (null = keep the named architecture's value).

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from t5forge.model import fused
 from t5forge.model.attention import (
     attend, cheaper_as_spans, compute_dtype, make_attention_bias, segment_spans, use_spans,
 )
@@ -58,9 +59,20 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.compiled = False  # T5.compile_elementwise: the torch.compile'd stretch (model/fused.py)
 
     def forward(self, x):
+        if fused.use_compiled(x, self.compiled):
+            return fused.compiled_rms_norm(x, self.weight, self.eps)
         return _RMSNormFunction.apply(x, self.weight, self.eps)
+
+    def add_forward(self, x, delta):  # -> (x + delta, norm(x + delta)); delta None: (x, norm(x))
+        if delta is None:
+            return x, self(x)
+        if fused.use_compiled(x, self.compiled):  # the residual add and the norm in one loop
+            return fused.compiled_add_rms_norm(x, delta, self.weight, self.eps)
+        x = x + delta
+        return x, self(x)
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -137,14 +149,6 @@ class Attention(nn.Module):
         return self.o(y.transpose(1, 2).reshape(B, Q, self.n_heads * self.d_kv))
 
 
-_ACTIVATIONS = {
-    "relu": F.relu,
-    "gelu": F.gelu,  # exact (erf) GELU
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # HF's gelu_new, what gated-gelu means
-    "silu": F.silu,
-}
-
-
 class FeedForward(nn.Module):
     def __init__(self, config: T5Config):
         super().__init__()
@@ -155,20 +159,29 @@ class FeedForward(nn.Module):
         else:
             self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
-        self.act = _ACTIVATIONS[config.activation]
+        self.activation = config.activation
+        self.act = fused.ACTIVATIONS[config.activation]
         self.dropout = nn.Dropout(config.dropout_rate)
+        self.compiled = False  # T5.compile_elementwise: the gating as one compiled loop (model/fused.py)
 
     def forward(self, x):  # (B, L, C) -> (B, L, C)
         if self.gated:
             gate, linear = fused_linear(x, self.wi_0, self.wi_1)
-            h = self.act(gate) * linear  # (B, L, F)
+            if fused.use_compiled(gate, self.compiled):
+                h = fused.compiled_gated(gate, linear, self.activation)
+            else:
+                h = self.act(gate) * linear  # (B, L, F)
         else:
             h = self.act(self.wi(x))
         return self.wo(self.dropout(h))
 
 
 class Block(nn.Module):
-    """Pre-norm block: self-attention, cross-attention (decoder only), feed-forward; each residual."""
+    """Pre-norm block: self-attention, cross-attention (decoder only), feed-forward; each residual.
+
+    A block takes and returns the residual stream as (x, delta): x plus the update its last sublayer
+    made, not yet added. The add then happens inside the next norm, which reads the sum anyway
+    (RMSNorm.add_forward), so that compiled it is one pass instead of two."""
 
     def __init__(self, config: T5Config, is_decoder: bool):
         super().__init__()
@@ -183,16 +196,18 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout_rate)
         self.is_decoder = is_decoder
 
-    def forward(self, x, self_bias, enc=None, cross_bias=None, cache=None):
+    def forward(self, x, delta, self_bias, enc=None, cross_bias=None, cache=None):
+        # x, delta: the residual stream and its pending update (None: nothing pending);
         # cache: a generation.LayerCache (decoding step by step) or None (whole sequences)
-        h = self.attn_norm(x)
+        x, h = self.attn_norm.add_forward(x, delta)
         kv = cache.self_kv(self.attn, h) if cache is not None else None
-        x = x + self.dropout(self.attn(h, self_bias, kv=kv))
+        delta = self.dropout(self.attn(h, self_bias, kv=kv))
         if self.is_decoder:
-            h = self.cross_norm(x)
+            x, h = self.cross_norm.add_forward(x, delta)
             kv = cache.cross_kv(self.cross_attn, enc) if cache is not None else None
-            x = x + self.dropout(self.cross_attn(h, cross_bias, context=enc, kv=kv))
-        return x + self.dropout(self.ff(self.ff_norm(x)))
+            delta = self.dropout(self.cross_attn(h, cross_bias, context=enc, kv=kv))
+        x, h = self.ff_norm.add_forward(x, delta)
+        return x, self.dropout(self.ff(h))
 
 
 def relative_position_bucket(relative_position, bidirectional: bool, num_buckets: int, max_distance: int):
@@ -273,12 +288,12 @@ class Stack(nn.Module):
             else:
                 cross_bias = make_attention_bias(backend, L, S, key_padding_mask=enc_mask, dtype=dtype,
                                                  query_segments=segments, key_segments=enc_segments)
-        x = self.dropout(x)
+        x, delta = self.dropout(x), None
         for i, block in enumerate(self.blocks):
-            x = block(x, self_bias, enc, cross_bias, cache=cache.layers[i] if cache is not None else None)
+            x, delta = block(x, delta, self_bias, enc, cross_bias, cache=cache.layers[i] if cache is not None else None)
         if cache is not None:
             cache.advance(L)
-        return self.dropout(self.final_norm(x))
+        return self.dropout(self.final_norm.add_forward(x, delta)[1])
 
 
 class T5(nn.Module):
@@ -313,6 +328,14 @@ class T5(nn.Module):
                 nn.init.normal_(module.wo.weight, std=c.d_ff**-0.5)
             elif isinstance(module, Stack):
                 nn.init.normal_(module.relative_bias.weight, std=c.d_model**-0.5)
+
+    def compile_elementwise(self, enabled: bool = True) -> T5:
+        """Run the residual adds, norms and gated activations as torch.compile'd loops while training
+        on CPU (model/fused.py); off by default. A runtime switch, not part of the architecture."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, FeedForward)):
+                module.compiled = enabled
+        return self
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

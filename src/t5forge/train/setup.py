@@ -152,9 +152,14 @@ def resume_or_seed(resume_from, cfg: RunConfig, model, optimizer, loader, world)
 
 
 def training_model(model, cfg: RunConfig, world, device):
-    """The module the loop calls: DDP-wrapped under torchrun, compiled with model.compile."""
+    """The module the loop calls: DDP-wrapped under torchrun, compiled with model.compile; on CPU
+    without it, the elementwise stretches compiled on their own (model.compile_elementwise)."""
+    from t5forge.model import fused
     from t5forge.train.distributed import wrap_ddp
 
+    if fused.wanted(cfg.model.compile_elementwise, device, cfg.model.compile):
+        log.info("residual adds, norms and gated activations: torch.compile'd loops (model.compile_elementwise)")
+        model.compile_elementwise(True)
     wrapped = wrap_ddp(model, world, device)
     return torch.compile(wrapped) if cfg.model.compile else wrapped
 
