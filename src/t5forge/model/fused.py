@@ -13,9 +13,10 @@ The whole training step: see the README's performance section.
 
 Used while training on CPU on activations of MIN_ELEMENTS or more (`T5.compile_elementwise(True)`;
 `t5forge pretrain` / `finetune` turn it on there unless model.compile compiles everything); no-grad
-passes (evaluation, generation) run eager, so decoding does not recompile per step. The formulas are HF's T5LayerNorm and gated feed-forward, so
-results equal the eager path's up to float rounding. If compiling fails (e.g. no C++ compiler), a
-warning says so and the eager path takes over for the rest of the process.
+passes (evaluation, generation) run eager, so decoding does not recompile per step. The formulas
+are HF's T5LayerNorm and gated feed-forward, so results equal the eager path's up to float
+rounding. If compiling fails (e.g. no C++ compiler), a warning says so and the eager path takes
+over for the rest of the process.
 """
 
 from __future__ import annotations
