@@ -252,6 +252,7 @@ def build_pretrain_loader(
     world_size: int = 1,
     num_workers: int = 0,
     on_decode_error: str = "raise",
+    skip_option: str | None = None,
     pin_memory: bool = False,
 ) -> PretrainLoader:
     """Span-corruption batches from local `files` (if any) or the Hub `dataset`; see the module docstring."""
@@ -270,7 +271,7 @@ def build_pretrain_loader(
     )
     source = TextSource(
         dataset=dataset, dataset_config=dataset_config, files=files, split=split, text_field=text_field,
-        on_decode_error=on_decode_error,
+        on_decode_error=on_decode_error, skip_option=skip_option,
     )
     return PretrainLoader(
         source=source, tokenizer=tokenizer, corruption=corruption, batch_size=batch_size, seed=seed, rank=rank,
