@@ -16,6 +16,9 @@ Training readers loop over epochs forever (shard order reshuffled per epoch); he
 
 from __future__ import annotations
 
+import functools
+import os
+
 import numpy as np
 import torch
 
@@ -132,6 +135,30 @@ class _WorkerDataset(torch.utils.data.IterableDataset):
             yield local, None, str(err)
 
 
+def die_with_parent(parent_pid: int, worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: the kernel kills this worker with SIGKILL when its parent dies.
+
+    A parent killed with SIGKILL (an OOM kill, `kill -9`) runs no clean-up, and its workers would
+    otherwise live on, blocked writing batches into a pipe no one reads. Linux only; elsewhere
+    torch's own watchdog (workers poll their parent every few seconds) remains.
+    """
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    PR_SET_PDEATHSIG = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect: nobody would kill us
+        os._exit(1)
+
+
 def _copy_state(state: dict) -> dict:
     return {**state, "pending": list(state["pending"])}
 
@@ -193,6 +220,7 @@ class PretrainLoader:
             loader = torch.utils.data.DataLoader(
                 dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                 prefetch_factor=2, generator=generator,
+                worker_init_fn=functools.partial(die_with_parent, os.getpid()),
             )
             for local, batch, state in loader:
                 if batch is None:

