@@ -90,6 +90,8 @@ class DataConfig:
     mlm_probability: float = _key(0.15, "span-corruption noise density")
     mean_noise_span_length: float = _key(3.0, "mean corrupted span length")
     num_workers: int = _key(8, "data loader worker processes per rank")
+    allow_changed_files: bool = _key(False, "resume even though the training files changed since the checkpoint "
+                                     "(added, removed, resized or rewritten): continue from the saved position")
 
 
 @dataclass(frozen=True)

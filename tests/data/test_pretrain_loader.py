@@ -5,6 +5,7 @@ import gzip
 import itertools
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,3 +161,20 @@ def test_tokenizer_with_too_few_sentinels_is_refused(tmp_path, c4_train_file):
     tiny.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(T5ForgeError, match="needs 28 sentinels but the tokenizer has only 10"):
         build_pretrain_loader(tokenizer=tmp_path / "tokenizer.json", files=[c4_train_file], batch_size=2)
+
+
+def test_changed_files_are_named_in_the_refusal(t5_tokenizer, small_corpus):
+    make = lambda **kw: build_pretrain_loader(tokenizer=t5_tokenizer, files=small_corpus[:2], batch_size=2, **kw)  # noqa: E731
+    loader = make()
+    _take(loader, 1)
+    state = loader.state_dict()
+    assert [Path(f[0]).name for f in state["source"]["files"]] == ["part-0.json.gz", "part-1.json.gz"]
+    small_corpus[1].write_bytes(small_corpus[1].read_bytes() + b"\0\0")
+    with pytest.raises(T5ForgeError, match=r"size changed: .*part-1.json.gz \(\d+ -> \d+ bytes\).*allow_changed_files=true"):
+        make().load_state_dict(state)
+    other = build_pretrain_loader(tokenizer=t5_tokenizer, files=small_corpus, batch_size=2)
+    with pytest.raises(T5ForgeError, match=r"shard added: .*part-2.json.gz; size changed"):
+        other.load_state_dict(state)
+    make(allow_changed_files=True).load_state_dict(state)  # told to continue
+    unchanged = make()
+    unchanged.load_state_dict(unchanged.state_dict())

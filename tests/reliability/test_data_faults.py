@@ -61,3 +61,32 @@ def test_kill_9_of_the_trainer_takes_its_data_workers_with_it(tmp_path, tiny_pre
             proc.kill()
         for w in _children(proc.pid) if proc.poll() is None else ():
             os.kill(w, signal.SIGKILL)
+
+
+def test_resume_over_changed_training_files_is_refused_or_continues_when_told(
+        tmp_path, data_dir, tiny_pretrain_args, run_t5forge, read_metrics):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    c4 = data_dir / "c4-sample" / "c4-en.train-00000-first1000.json.gz"
+    (shards / "part-0.json.gz").write_bytes(c4.read_bytes())
+    run_dir = tmp_path / "run"
+    args = lambda *extra: [  # noqa: E731
+        *tiny_pretrain_args(run_dir, *extra), f"data.train_files=[{shards}/*.json.gz]"]  # the last value wins
+    run_t5forge(*args("stop_at_step=3"), check=0)
+
+    (shards / "part-1.json.gz").write_bytes(c4.read_bytes())  # the glob gains a shard
+    done = run_t5forge(*args("resume=auto"))
+    assert done.returncode == 2
+    message = done.stderr.strip().splitlines()
+    assert len(message) == 1, done.stderr
+    assert f"shard added: {shards / 'part-1.json.gz'}" in message[0] and "data.allow_changed_files=true" in message[0]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000003"]  # nothing written
+
+    (shards / "part-1.json.gz").unlink()
+    with open(shards / "part-0.json.gz", "ab") as f:  # the same name, other bytes
+        f.write(b"\0")
+    done = run_t5forge(*args("resume=auto"))
+    assert done.returncode == 2 and "size changed: " in done.stderr and "bytes)" in done.stderr, done.stderr
+
+    run_t5forge(*args("resume=auto", "data.allow_changed_files=true"), check=0)
+    assert [r["step"] for r in read_metrics(run_dir) if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]

@@ -22,7 +22,7 @@ import os
 import numpy as np
 import torch
 
-from t5forge.data.sources import TextSource, reader_slice
+from t5forge.data.sources import TextSource, fingerprint_difference, reader_slice
 from t5forge.data.span_corruption import SpanCorruption
 from t5forge.errors import T5ForgeError
 
@@ -171,11 +171,11 @@ class PretrainLoader:
     """
 
     def __init__(self, *, source, tokenizer, corruption, batch_size, seed, rank, world_size, num_workers,
-                 train, pin_memory=False):
+                 train, pin_memory=False, allow_changed_files=False):
         self.source, self.tokenizer, self.corruption = source, tokenizer, corruption
         self.batch_size, self.seed, self.train = batch_size, seed, train
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.pin_memory = pin_memory
+        self.pin_memory, self.allow_changed_files = pin_memory, allow_changed_files
         self.input_length, self.target_length = corruption.input_length, corruption.target_length
         self.raw_length = corruption.raw_length
         self._local_readers = max(num_workers, 1)
@@ -243,6 +243,7 @@ class PretrainLoader:
             "consumed": self._consumed,
             "readers": {int(k): _copy_state(v) for k, v in self._states.items()},
             "layout": self._layout(),
+            "source": self.source.fingerprint(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -253,6 +254,18 @@ class PretrainLoader:
                 f"cannot resume the data position: it was saved with {state['layout']} and this run has "
                 f"{self._layout()}; resume with the same data.num_workers, world size, batch size and input length"
             )
+        changed = fingerprint_difference(state["source"], self.source.fingerprint()) if "source" in state else ""
+        if changed and not self.allow_changed_files:
+            raise T5ForgeError(
+                f"the training data changed since the checkpoint ({changed}): its saved position would re-read or "
+                "skip data; restore the files, or continue from the saved position anyway with "
+                "data.allow_changed_files=true"
+            )
+        if changed:
+            import logging
+
+            logging.getLogger(__name__).warning("training data changed since the checkpoint (%s); continuing "
+                                                "from the saved position (data.allow_changed_files=true)", changed)
         self._consumed = int(state["consumed"])
         self._states = {int(k): _copy_state(v) for k, v in state["readers"].items()}
 
@@ -282,6 +295,7 @@ def build_pretrain_loader(
     on_decode_error: str = "raise",
     skip_option: str | None = None,
     pin_memory: bool = False,
+    allow_changed_files: bool = False,
 ) -> PretrainLoader:
     """Span-corruption batches from local `files` (if any) or the Hub `dataset`; see the module docstring."""
     from t5forge.tokenizer import load_tokenizer
@@ -304,4 +318,5 @@ def build_pretrain_loader(
     return PretrainLoader(
         source=source, tokenizer=tokenizer, corruption=corruption, batch_size=batch_size, seed=seed, rank=rank,
         world_size=world_size, num_workers=num_workers, train=split == "train", pin_memory=pin_memory,
+        allow_changed_files=allow_changed_files,
     )

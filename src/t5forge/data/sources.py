@@ -128,6 +128,13 @@ class TextSource:
         where = f"{len(self.files)} local file(s)" if self.files else f"{self.dataset} ({self.dataset_config})"
         return f"TextSource({where}, split={self.split!r}, shards={self.num_shards})"
 
+    def fingerprint(self) -> dict:
+        """What the data position refers to: each local file's (path, size, mtime_ns), or the Hub
+        dataset's name, config and split."""
+        if self.files:
+            return {"files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in self.files]}
+        return {"dataset": self.dataset, "config": self.dataset_config, "split": self.split}
+
     def _load(self):
         import datasets
 
@@ -252,3 +259,25 @@ class TextSource:
 
 def _json_kind(value) -> str:
     return {bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def fingerprint_difference(saved: dict, now: dict) -> str:
+    """'' when equal, else the differences as one line: "shard added: X; size changed: Y (A -> B bytes)"."""
+    if saved == now:
+        return ""
+    if "files" not in saved or "files" not in now:
+        describe = lambda f: ", ".join(f"{k} {v}" for k, v in f.items()) if "files" not in f else f"{len(f['files'])} local file(s)"  # noqa: E731
+        return f"data source changed: {describe(saved)} -> {describe(now)}"
+    before = {name: (size, mtime) for name, size, mtime in saved["files"]}
+    after = {name: (size, mtime) for name, size, mtime in now["files"]}
+    diffs = [f"shard added: {n}" for n in after if n not in before]
+    diffs += [f"shard removed: {n}" for n in before if n not in after]
+    for name in before.keys() & after.keys():
+        (size0, mtime0), (size1, mtime1) = before[name], after[name]
+        if size0 != size1:
+            diffs.append(f"size changed: {name} ({size0} -> {size1} bytes)")
+        elif mtime0 != mtime1:
+            diffs.append(f"modified: {name} (same size, new modification time)")
+    if not diffs and list(before) != list(after):
+        diffs.append("the files are in another order")
+    return "; ".join(sorted(diffs, key=lambda d: (d.split(":")[0], d)))
