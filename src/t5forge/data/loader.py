@@ -17,7 +17,9 @@ Training readers loop over epochs forever (shard order reshuffled per epoch); he
 from __future__ import annotations
 
 import functools
+import itertools
 import os
+from collections import deque
 
 import numpy as np
 import torch
@@ -27,18 +29,22 @@ from t5forge.data.span_corruption import SpanCorruption
 from t5forge.errors import T5ForgeError
 
 DOCS_PER_ENCODE = 16  # documents tokenized per call: amortises the call, keeps the read-ahead small
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class ReaderStream:
-    """One reader's batches, as numpy arrays, with a state that resumes at the next batch."""
+    """One reader's batches, as numpy arrays, with a constant-size state that resumes at the next batch."""
 
-    def __init__(self, source, tokenizer, corruption, batch_size, seed, reader, num_readers, train):
+    def __init__(self, source, tokenizer, corruption, batch_size, seed, reader, num_readers, train,
+                 shuffle_buffer=0):
         self.source, self.tokenizer, self.corruption = source, tokenizer, corruption
         self.batch_size, self.seed, self.train = batch_size, seed, train
         self.reader, self.num_readers = reader, num_readers
+        self.shuffle_buffer = shuffle_buffer if train else 0  # held-out data: a fixed evaluation set
         self.slice = reader_slice(source.num_shards, reader, num_readers)
-        self.state = {"epoch": 0, "shard_pos": 0, "record": 0, "pending": [], "batches": 0}
+        # (epoch, shard_pos, record, offset): where the current block's first chunk begins -- token
+        # `offset` of the document read next from that position; index: chunks of the block handed out
+        self.state = {"epoch": 0, "shard_pos": 0, "record": 0, "offset": 0, "block": 0, "index": 0, "batches": 0}
 
     def shard_order(self, epoch: int) -> list[int]:
         shards = list(self.slice.shards)
@@ -47,11 +53,9 @@ class ReaderStream:
             np.random.default_rng([self.seed, epoch]).shuffle(shards)
         return shards
 
-    def _documents(self):
-        """(text, position after it) for each of my documents from the saved position on; a text of
-        None marks a shard boundary, which is a position too."""
-        st = self.state
-        epoch, shard_pos, record = st["epoch"], st["shard_pos"], st["record"]
+    def _documents(self, epoch, shard_pos, record):
+        """(text, position after it) for each of my documents from a position on; a text of None
+        marks a shard boundary, which is a position too."""
         while True:
             full_pass, seen_text = (shard_pos, record) == (0, 0), False
             order = self.shard_order(epoch)
@@ -73,41 +77,89 @@ class ReaderStream:
                 )
             epoch, shard_pos, record = epoch + 1, 0, 0
 
-    def __iter__(self):
-        raw_length, st = self.corruption.raw_length, self.state
-        pending = np.asarray(st["pending"], dtype=np.int64)
-        chunks: list[np.ndarray] = []
-        texts, position = [], None
-        documents = self._documents()
+    def _chunks(self, epoch, shard_pos, record, offset):
+        """(raw chunk, position where the following chunk begins), from a position on.
+
+        Token arrays are kept per document (a deque of (position, tokens, first unused)), so cutting a
+        chunk costs the chunk, never the read-ahead: a huge document is tokenized once and sliced."""
+        raw_length = self.corruption.raw_length
+        documents = self._documents(epoch, shard_pos, record)
+        at = (epoch, shard_pos, record)  # position before the next document read
+        queue, queued, skip = deque(), 0, offset
+        exhausted = False
         while True:
-            # fill: tokenize a few documents at a time
-            try:
-                text, position = next(documents)
-                if text is not None:
-                    texts.append(text)
-                if len(texts) < DOCS_PER_ENCODE and text is not None:
-                    continue
-            except StopIteration:
-                documents = None
-            if texts:
-                ids = self.tokenizer.encode_batch(texts, add_eos=True)
-                pending = np.concatenate([pending, *[np.asarray(t, dtype=np.int64) for t in ids]])
-                texts = []
-            # cut: whole raw chunks; a batch is complete when it has batch_size of them
-            while len(pending) >= raw_length and len(chunks) < self.batch_size:
-                chunks.append(pending[:raw_length])
-                pending = pending[raw_length:]
-                if len(chunks) == self.batch_size:
-                    # held-out readers get their own masks, not copies of the training readers' first ones
-                    rng = np.random.default_rng([self.seed, self.reader, st["batches"], int(self.train)])
-                    inputs, targets = self.corruption(np.stack(chunks), rng)
-                    chunks = []
-                    epoch, shard_pos, record = position
-                    st.update(epoch=epoch, shard_pos=shard_pos, record=record, batches=st["batches"] + 1)
-                    st["pending"] = pending.tolist()
-                    yield inputs, targets
-            if documents is None:
-                return  # held-out data ends; an incomplete last batch is dropped (fixed shapes)
+            while queued < raw_length and not exhausted:
+                texts, starts = [], []
+                for text, after in documents:
+                    if text is not None:
+                        texts.append(text)
+                        starts.append(at)
+                    at = after
+                    if len(texts) >= DOCS_PER_ENCODE:
+                        break
+                else:
+                    exhausted = True
+                for start, ids in zip(starts, self.tokenizer.encode_batch(texts, add_eos=True) if texts else ()):
+                    tokens = np.asarray(ids, dtype=np.int64)
+                    first, skip = min(skip, len(tokens)), 0
+                    queue.append([start, tokens, first])
+                    queued += len(tokens) - first
+            if queued < raw_length:
+                return  # held-out data ends; an incomplete last chunk is dropped (fixed shapes)
+            parts, need = [], raw_length
+            while need:
+                entry = queue[0]
+                _, tokens, first = entry
+                take = min(need, len(tokens) - first)
+                parts.append(tokens[first : first + take])
+                entry[2] += take
+                need -= take
+                if entry[2] == len(tokens):
+                    queue.popleft()
+            queued -= raw_length
+            following = (*queue[0][0], queue[0][2]) if queue else (*at, 0)
+            yield np.concatenate(parts) if len(parts) > 1 else parts[0], following
+
+    def _blocks(self):
+        """(chunk, state after handing it out). Training readers permute blocks of `shuffle_buffer`
+        consecutive chunks with an RNG keyed by (seed, reader, block); the state records where the
+        block began, so a resume re-reads that block and continues at the same index."""
+        st = dict(self.state)
+        position = (st["epoch"], st["shard_pos"], st["record"], st["offset"])
+        block, index = st["block"], st["index"]
+        size = max(self.shuffle_buffer, 1)
+        chunks = self._chunks(*position)
+        while True:
+            taken = list(itertools.islice(chunks, size))
+            if not taken:
+                return
+            following = taken[-1][1]
+            order = np.arange(len(taken))
+            if size > 1:
+                np.random.default_rng([self.seed, self.reader, block, 2]).shuffle(order)
+            for i in range(index, len(taken)):
+                if size > 1:
+                    done = (block, i + 1) if i + 1 < len(taken) else (block + 1, 0)
+                    at = position if i + 1 < len(taken) else following
+                else:
+                    done, at = (block + 1, 0), taken[i][1]
+                yield taken[order[i]][0], (at, *done)
+            position, block, index = following, block + 1, 0
+
+    def __iter__(self):
+        st = self.state
+        batch = []
+        for chunk, (position, block, index) in self._blocks():
+            batch.append(chunk)
+            if len(batch) == self.batch_size:
+                # held-out readers get their own masks, not copies of the training readers' first ones
+                rng = np.random.default_rng([self.seed, self.reader, st["batches"], int(self.train)])
+                inputs, targets = self.corruption(np.stack(batch), rng)
+                batch = []
+                epoch, shard_pos, record, offset = position
+                st.update(epoch=epoch, shard_pos=shard_pos, record=record, offset=offset, block=block,
+                          index=index, batches=st["batches"] + 1)
+                yield inputs, targets
 
 
 class _WorkerDataset(torch.utils.data.IterableDataset):
@@ -160,7 +212,7 @@ def die_with_parent(parent_pid: int, worker_id: int = 0) -> None:
 
 
 def _copy_state(state: dict) -> dict:
-    return {**state, "pending": list(state["pending"])}
+    return {k: int(v) for k, v in state.items()}
 
 
 class PretrainLoader:
@@ -171,11 +223,14 @@ class PretrainLoader:
     """
 
     def __init__(self, *, source, tokenizer, corruption, batch_size, seed, rank, world_size, num_workers,
-                 train, pin_memory=False, allow_changed_files=False):
+                 train, pin_memory=False, allow_changed_files=False, shuffle_buffer=0):
         self.source, self.tokenizer, self.corruption = source, tokenizer, corruption
         self.batch_size, self.seed, self.train = batch_size, seed, train
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.pin_memory, self.allow_changed_files = pin_memory, allow_changed_files
+        if shuffle_buffer < 0:
+            raise T5ForgeError(f"data.shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        self.shuffle_buffer = shuffle_buffer if train else 0
         self.input_length, self.target_length = corruption.input_length, corruption.target_length
         self.raw_length = corruption.raw_length
         self._local_readers = max(num_workers, 1)
@@ -189,6 +244,7 @@ class PretrainLoader:
             stream = ReaderStream(
                 self.source, self.tokenizer, self.corruption, self.batch_size, self.seed,
                 reader=self.rank * readers + local, num_readers=self.world_size * readers, train=self.train,
+                shuffle_buffer=self.shuffle_buffer,
             )
             if local in states:
                 stream.state = _copy_state(states[local])
@@ -252,7 +308,7 @@ class PretrainLoader:
         if state["layout"] != self._layout():
             raise T5ForgeError(
                 f"cannot resume the data position: it was saved with {state['layout']} and this run has "
-                f"{self._layout()}; resume with the same data.num_workers, world size, batch size and input length"
+                f"{self._layout()}; resume with the same data.num_workers, data.shuffle_buffer, world size, batch size and input length"
             )
         changed = fingerprint_difference(state["source"], self.source.fingerprint()) if "source" in state else ""
         if changed and not self.allow_changed_files:
@@ -273,6 +329,7 @@ class PretrainLoader:
         return {
             "rank": self.rank, "world_size": self.world_size, "num_workers": self.num_workers,
             "batch_size": self.batch_size, "raw_length": self.raw_length, "seed": self.seed,
+            "shuffle_buffer": self.shuffle_buffer,
         }
 
 
@@ -296,6 +353,7 @@ def build_pretrain_loader(
     skip_option: str | None = None,
     pin_memory: bool = False,
     allow_changed_files: bool = False,
+    shuffle_buffer: int = 0,
 ) -> PretrainLoader:
     """Span-corruption batches from local `files` (if any) or the Hub `dataset`; see the module docstring."""
     from t5forge.tokenizer import load_tokenizer
@@ -318,5 +376,5 @@ def build_pretrain_loader(
     return PretrainLoader(
         source=source, tokenizer=tokenizer, corruption=corruption, batch_size=batch_size, seed=seed, rank=rank,
         world_size=world_size, num_workers=num_workers, train=split == "train", pin_memory=pin_memory,
-        allow_changed_files=allow_changed_files,
+        allow_changed_files=allow_changed_files, shuffle_buffer=shuffle_buffer,
     )
