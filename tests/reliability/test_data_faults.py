@@ -90,3 +90,26 @@ def test_resume_over_changed_training_files_is_refused_or_continues_when_told(
 
     run_t5forge(*args("resume=auto", "data.allow_changed_files=true"), check=0)
     assert [r["step"] for r in read_metrics(run_dir) if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_huge_document_keeps_data_pt_small_and_resume_exact(tmp_path, data_dir, tiny_pretrain_args, run_t5forge,
+                                                              read_metrics):
+    import gzip
+    import json
+
+    c4 = data_dir / "c4-sample" / "c4-en.train-00000-first1000.json.gz"
+    with gzip.open(c4, "rt", encoding="utf-8") as f:
+        docs = [json.loads(line)["text"] for line in f]
+    big = tmp_path / "big.jsonl"
+    with open(big, "w", encoding="utf-8") as f:  # one 3 MB document first, then ordinary ones
+        f.write(json.dumps({"text": " ".join(docs * 2)[:3_000_000]}) + "\n")
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs[:50])
+    files = f"data.train_files=[{big}]"
+    run_t5forge(*tiny_pretrain_args(tmp_path / "straight", files, "data.shuffle_buffer=100"), check=0)
+    split = tmp_path / "split"
+    run_t5forge(*tiny_pretrain_args(split, files, "data.shuffle_buffer=100", "stop_at_step=3"), check=0)
+    data_pt = split / "checkpoints" / "step-00000003" / "data.pt"
+    assert data_pt.stat().st_size < 8000, data_pt.stat().st_size  # a position, not the read-ahead tokens
+    run_t5forge(*tiny_pretrain_args(split, files, "data.shuffle_buffer=100", "resume=auto"), check=0)
+    losses = lambda run: [(r["step"], r["loss"]) for r in read_metrics(run) if r["kind"] == "train"]  # noqa: E731
+    assert losses(split) == losses(tmp_path / "straight") and len(losses(split)) == 6

@@ -2,13 +2,26 @@
 
 Each reader (one per data-parallel rank x dataloader worker) walks its own slice of the source
 (see `sources.reader_slice`), tokenizes documents, appends EOS to each, cuts the token stream into
-raw chunks and corrupts whole batches at once (`span_corruption`). A reader's position is a few
-numbers -- epoch, shard, record, the tokens read but not yet used, batches made -- and its noise
-masks come from an RNG keyed by (seed, reader, batch number), so the position alone restores it.
+raw chunks and corrupts whole batches at once (`span_corruption`).
+
+Example order: training readers shuffle chunks in blocks of `shuffle_buffer` consecutive chunks,
+each block permuted by an RNG keyed by (seed, reader, block number); `shuffle_buffer=0` keeps the
+corpus order. nanoT5 streams examples through a 10,000-example reservoir instead, whose contents
+would have to be saved to resume exactly; a block needs only where it began. Within a block the
+order is uniformly random, and every chunk is handed out once per pass (a block that is longer
+than the reader's share of the corpus spans two epochs). Held-out readers never shuffle.
+
+A reader's position is a few integers, whatever the documents' sizes: where its current block
+begins (epoch, shard, record of the document, token offset inside it), how many chunks of the
+block it has handed out, its block and batch counts. A resume re-reads and re-tokenizes the block
+from its start and continues at the same chunk; the noise masks come from an RNG keyed by (seed,
+reader, batch number), so the position alone restores them. The state also records the files it
+refers to (path, size, mtime), and a resume over changed files is refused unless allowed.
 
 With workers, every batch travels with its reader's position. torch's DataLoader takes batches
 round-robin from its workers, so after n batches the next one comes from reader n mod W; a resumed
 loader rotates which worker plays which reader so that the very next batch is the same one.
+Workers die with their parent process, also when it is killed with SIGKILL.
 
 Training readers loop over epochs forever (shard order reshuffled per epoch); held-out readers
 (`split="validation"`) make one pass from the start every time, so evaluation sees a fixed set.
