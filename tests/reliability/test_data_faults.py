@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.reliability.conftest import t5forge_env
 
 
@@ -35,6 +37,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal and /proc are Linux's")
 def test_kill_9_of_the_trainer_takes_its_data_workers_with_it(tmp_path, tiny_pretrain_args):
     args = tiny_pretrain_args(tmp_path / "run", "data.num_workers=2", "optim.total_steps=100000",
                               "eval.steps=0", "checkpoint.every_steps=100000")

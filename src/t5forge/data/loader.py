@@ -317,7 +317,10 @@ class PretrainLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
-            raise T5ForgeError(f"data loader state has version {state.get('version')}, expected {STATE_VERSION}")
+            raise T5ForgeError(
+                f"the checkpoint's data position has format version {state.get('version')} and this t5forge reads "
+                f"version {STATE_VERSION}; resume it with the t5forge that wrote it, or start a new run"
+            )
         if state["layout"] != self._layout():
             raise T5ForgeError(
                 f"cannot resume the data position: it was saved with {state['layout']} and this run has "
