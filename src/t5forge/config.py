@@ -90,6 +90,10 @@ class DataConfig:
     mlm_probability: float = _key(0.15, "span-corruption noise density")
     mean_noise_span_length: float = _key(3.0, "mean corrupted span length")
     num_workers: int = _key(8, "data loader worker processes per rank")
+    shuffle_buffer: int = _key(10000, "training chunks shuffled together, as nanoT5's 10,000-example buffer "
+                               "(here: consecutive blocks of this many chunks, each permuted); 0 = corpus order")
+    allow_changed_files: bool = _key(False, "resume even though the training files changed since the checkpoint "
+                                     "(added, removed, resized or rewritten): continue from the saved position")
 
 
 @dataclass(frozen=True)
@@ -473,6 +477,7 @@ def validate(cfg: RunConfig) -> None:
         _fail("data.mlm_probability", d.mlm_probability, "must be in (0, 1)")
     _at_least("data.mean_noise_span_length", d.mean_noise_span_length, 1.0)
     _at_least("data.num_workers", d.num_workers, 0)
+    _at_least("data.shuffle_buffer", d.shuffle_buffer, 0)
     if not d.tokenizer.strip():
         _fail("data.tokenizer", d.tokenizer, "must name a tokenizer (spiece.model, tokenizer.json, a directory or a Hub id)")
 

@@ -5,6 +5,7 @@ import gzip
 import itertools
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,7 +76,7 @@ def _documents_read(source, reader, num_readers):
     corruption = SpanCorruption(vocab_size=32100, num_sentinels=100)
     stream = ReaderStream(source, None, corruption, 1, 0, reader, num_readers, train=True)
     texts = []
-    for text, (epoch, _, _) in stream._documents():
+    for text, (epoch, _, _) in stream._documents(0, 0, 0):
         if epoch > 0:  # one epoch
             break
         if text is not None:
@@ -160,3 +161,72 @@ def test_tokenizer_with_too_few_sentinels_is_refused(tmp_path, c4_train_file):
     tiny.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(T5ForgeError, match="needs 28 sentinels but the tokenizer has only 10"):
         build_pretrain_loader(tokenizer=tmp_path / "tokenizer.json", files=[c4_train_file], batch_size=2)
+
+
+def test_changed_files_are_named_in_the_refusal(t5_tokenizer, small_corpus):
+    make = lambda **kw: build_pretrain_loader(tokenizer=t5_tokenizer, files=small_corpus[:2], batch_size=2, **kw)  # noqa: E731
+    loader = make()
+    _take(loader, 1)
+    state = loader.state_dict()
+    assert [Path(f[0]).name for f in state["source"]["files"]] == ["part-0.json.gz", "part-1.json.gz"]
+    small_corpus[1].write_bytes(small_corpus[1].read_bytes() + b"\0\0")
+    with pytest.raises(T5ForgeError, match=r"size changed: .*part-1.json.gz \(\d+ -> \d+ bytes\).*allow_changed_files=true"):
+        make().load_state_dict(state)
+    other = build_pretrain_loader(tokenizer=t5_tokenizer, files=small_corpus, batch_size=2)
+    with pytest.raises(T5ForgeError, match=r"shard added: .*part-2.json.gz; size changed"):
+        other.load_state_dict(state)
+    make(allow_changed_files=True).load_state_dict(state)  # told to continue
+    unchanged = make()
+    unchanged.load_state_dict(unchanged.state_dict())
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_shuffled_blocks_resume_exactly(t5_tokenizer, c4_train_file, num_workers, tmp_path):
+    make = lambda: build_pretrain_loader(  # noqa: E731
+        tokenizer=t5_tokenizer, files=[c4_train_file], batch_size=4, seed=7, num_workers=num_workers,
+        input_length=64, shuffle_buffer=10,
+    )
+    straight = _take(make(), 12)
+    first = make()
+    head = _take(first, 5)  # mid-block: 20 chunks handed out of blocks of 10 per reader
+    torch.save(first.state_dict(), tmp_path / "data.pt")
+    resumed = make()
+    resumed.load_state_dict(torch.load(tmp_path / "data.pt"))
+    assert _same(straight, head + _take(resumed, 7))
+    unshuffled = _take(build_pretrain_loader(tokenizer=t5_tokenizer, files=[c4_train_file], batch_size=4, seed=7,
+                                             num_workers=num_workers, input_length=64), 12)
+    assert not _same(straight, unshuffled)
+
+
+def test_shuffle_buffer_permutes_chunks_within_blocks_and_keeps_every_chunk(t5_tokenizer, c4_train_file):
+    source = TextSource(files=[c4_train_file])
+    corruption = SpanCorruption(vocab_size=t5_tokenizer.vocab_size, num_sentinels=100, input_length=64)
+    chunks = lambda buffer: [  # noqa: E731
+        tuple(c) for c, _ in itertools.islice(ReaderStream(source, t5_tokenizer, corruption, 4, 0, 0, 1, True,
+                                                           shuffle_buffer=buffer)._blocks(), 300)]
+    plain, shuffled = chunks(0), chunks(100)
+    for block in range(3):
+        window = slice(100 * block, 100 * (block + 1))
+        assert Counter(shuffled[window]) == Counter(plain[window])  # every chunk, once
+        assert shuffled[window] != plain[window]  # in another order
+
+
+def test_state_is_small_and_constant_with_a_huge_document(t5_tokenizer, tmp_path, c4_docs):
+    """A 4 MB document: the position is a few integers, not its read-ahead tokens."""
+    huge = " ".join(c4_docs[:2000] * 3)[: 4_000_000]
+    path = _write_jsonl_gz(tmp_path / "big.json.gz", [huge, *c4_docs[:20]])
+    loader = build_pretrain_loader(tokenizer=t5_tokenizer, files=[path], batch_size=4, input_length=64)
+    sizes = []
+    for i, _ in enumerate(loader):
+        if i in (1, 200, 2000):
+            torch.save(loader.state_dict(), tmp_path / "data.pt")
+            sizes.append((tmp_path / "data.pt").stat().st_size)
+        if i == 2000:
+            break
+    assert max(sizes) < 4000 and max(sizes) - min(sizes) < 64, sizes
+    reader = loader.state_dict()["readers"][0]
+    assert reader["record"] == 0 and reader["offset"] > 0  # still inside the huge document
+    resumed = build_pretrain_loader(tokenizer=t5_tokenizer, files=[path], batch_size=4, input_length=64)
+    resumed.load_state_dict(loader.state_dict())
+    straight = build_pretrain_loader(tokenizer=t5_tokenizer, files=[path], batch_size=4, input_length=64)
+    assert _same(_take(straight, 2004)[2001:], _take(resumed, 3))

@@ -118,5 +118,15 @@ def test_too_few_sentinels_and_bad_settings():
         SpanCorruption(vocab_size=1000, num_sentinels=10)
     with pytest.raises(T5ForgeError, match="mlm_probability"):
         SpanCorruption(vocab_size=32100, num_sentinels=100, noise_density=1.5)
-    with pytest.raises(T5ForgeError, match="too short"):
-        SpanCorruption(vocab_size=32100, num_sentinels=100, input_length=8, noise_density=0.05)
+
+
+@pytest.mark.parametrize("density, span", [(0.15, 3.0), (0.05, 3.0), (0.3, 8.0), (0.5, 8.0), (0.5, 3.0), (0.15, 1.0)])
+def test_every_input_length_is_served(density, span):
+    """Lengths are planned and masked with the same float64 counts: no length is refused (172 at
+    0.15 / 3 was, under float32 mask rounding) and each corrupts to exactly the planned shapes."""
+    for length in [*range(4, 400), 512, 568, 1024]:
+        sc = SpanCorruption(vocab_size=32100, num_sentinels=1000, input_length=length,
+                            noise_density=density, mean_noise_span_length=span)
+        inputs, targets = sc(np.arange(3, 3 + 2 * sc.raw_length).reshape(2, -1), np.random.default_rng(length))
+        assert inputs.shape == (2, length) and targets.shape == (2, sc.target_length), (length, density, span)
+    assert compute_input_and_target_lengths(172, 0.15, 3.0) == (190, 38)

@@ -63,6 +63,11 @@ def test_json_record_without_the_text_field_names_file_and_line(tmp_path, docs):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(T5ForgeError, match=r"c.jsonl:6: record has no text field 'text' \(its fields: content\)"):
         _all_texts(TextSource(files=[path]))
+    # the field is there but holds no string
+    for value, kind in [(7, "a JSON number"), (None, "null"), (["a", "b"], "a JSON list")]:
+        path.write_text("\n".join(lines[:2] + [json.dumps({"text": value, "id": 3})]) + "\n")
+        with pytest.raises(T5ForgeError, match=rf"c.jsonl:3: field 'text' holds {kind}, not a string"):
+            _all_texts(TextSource(files=[path]))
     # no record has the field at all
     path.write_text(json.dumps({"content": "a"}) + "\n")
     with pytest.raises(T5ForgeError, match=r"c.jsonl:1: record has no text field 'text'"):
@@ -89,8 +94,11 @@ def test_undecodable_bytes_name_file_and_line_or_are_skipped_and_counted(tmp_pat
         bad = b'{"text": "' + bad + b'"}'
     path = tmp_path / f"mixed.{fmt}"
     path.write_bytes(b"\n".join(good[:2] + [bad] + good[2:]) + b"\n")
-    with pytest.raises(T5ForgeError, match=rf"mixed.{fmt}:3: bytes that are not UTF-8.*on_decode_error='skip'"):
+    with pytest.raises(T5ForgeError, match=rf"mixed.{fmt}:3: bytes that are not UTF-8.*re-encode the file as UTF-8") as err:
         _all_texts(TextSource(files=[path]))
+    assert "skip" not in str(err.value)  # a caller that cannot skip does not advise it
+    with pytest.raises(T5ForgeError, match=r"UTF-8.*count them with --on-decode-error skip$"):
+        _all_texts(TextSource(files=[path], skip_option="--on-decode-error skip"))
     source = TextSource(files=[path], on_decode_error="skip")
     texts = _all_texts(source)
     assert len(texts) == 4 and source.skipped_undecodable == 1

@@ -41,7 +41,7 @@ def run(args) -> int:
         tokenizer=tok, dataset=args.dataset, dataset_config=args.dataset_config, files=args.files or (),
         text_field=args.text_field, split=args.split, batch_size=args.num_examples, input_length=args.input_length,
         noise_density=args.noise_density, mean_noise_span_length=args.mean_noise_span_length, seed=args.seed,
-        on_decode_error=args.on_decode_error,
+        on_decode_error=args.on_decode_error, skip_option="--on-decode-error skip",
     )
     batch = next(iter(loader))
     c = loader.corruption

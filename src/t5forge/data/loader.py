@@ -2,13 +2,26 @@
 
 Each reader (one per data-parallel rank x dataloader worker) walks its own slice of the source
 (see `sources.reader_slice`), tokenizes documents, appends EOS to each, cuts the token stream into
-raw chunks and corrupts whole batches at once (`span_corruption`). A reader's position is a few
-numbers -- epoch, shard, record, the tokens read but not yet used, batches made -- and its noise
-masks come from an RNG keyed by (seed, reader, batch number), so the position alone restores it.
+raw chunks and corrupts whole batches at once (`span_corruption`).
+
+Example order: training readers shuffle chunks in blocks of `shuffle_buffer` consecutive chunks,
+each block permuted by an RNG keyed by (seed, reader, block number); `shuffle_buffer=0` keeps the
+corpus order. nanoT5 streams examples through a 10,000-example reservoir instead, whose contents
+would have to be saved to resume exactly; a block needs only where it began. Within a block the
+order is uniformly random, and every chunk is handed out once per pass (a block that is longer
+than the reader's share of the corpus spans two epochs). Held-out readers never shuffle.
+
+A reader's position is a few integers, whatever the documents' sizes: where its current block
+begins (epoch, shard, record of the document, token offset inside it), how many chunks of the
+block it has handed out, its block and batch counts. A resume re-reads and re-tokenizes the block
+from its start and continues at the same chunk; the noise masks come from an RNG keyed by (seed,
+reader, batch number), so the position alone restores them. The state also records the files it
+refers to (path, size, mtime), and a resume over changed files is refused unless allowed.
 
 With workers, every batch travels with its reader's position. torch's DataLoader takes batches
 round-robin from its workers, so after n batches the next one comes from reader n mod W; a resumed
 loader rotates which worker plays which reader so that the very next batch is the same one.
+Workers die with their parent process, also when it is killed with SIGKILL.
 
 Training readers loop over epochs forever (shard order reshuffled per epoch); held-out readers
 (`split="validation"`) make one pass from the start every time, so evaluation sees a fixed set.
@@ -16,26 +29,35 @@ Training readers loop over epochs forever (shard order reshuffled per epoch); he
 
 from __future__ import annotations
 
+import functools
+import itertools
+import os
+from collections import deque
+
 import numpy as np
 import torch
 
-from t5forge.data.sources import TextSource, reader_slice
+from t5forge.data.sources import TextSource, fingerprint_difference, reader_slice
 from t5forge.data.span_corruption import SpanCorruption
 from t5forge.errors import T5ForgeError
 
 DOCS_PER_ENCODE = 16  # documents tokenized per call: amortises the call, keeps the read-ahead small
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class ReaderStream:
-    """One reader's batches, as numpy arrays, with a state that resumes at the next batch."""
+    """One reader's batches, as numpy arrays, with a constant-size state that resumes at the next batch."""
 
-    def __init__(self, source, tokenizer, corruption, batch_size, seed, reader, num_readers, train):
+    def __init__(self, source, tokenizer, corruption, batch_size, seed, reader, num_readers, train,
+                 shuffle_buffer=0):
         self.source, self.tokenizer, self.corruption = source, tokenizer, corruption
         self.batch_size, self.seed, self.train = batch_size, seed, train
         self.reader, self.num_readers = reader, num_readers
+        self.shuffle_buffer = shuffle_buffer if train else 0  # held-out data: a fixed evaluation set
         self.slice = reader_slice(source.num_shards, reader, num_readers)
-        self.state = {"epoch": 0, "shard_pos": 0, "record": 0, "pending": [], "batches": 0}
+        # (epoch, shard_pos, record, offset): where the current block's first chunk begins -- token
+        # `offset` of the document read next from that position; index: chunks of the block handed out
+        self.state = {"epoch": 0, "shard_pos": 0, "record": 0, "offset": 0, "block": 0, "index": 0, "batches": 0}
 
     def shard_order(self, epoch: int) -> list[int]:
         shards = list(self.slice.shards)
@@ -44,11 +66,9 @@ class ReaderStream:
             np.random.default_rng([self.seed, epoch]).shuffle(shards)
         return shards
 
-    def _documents(self):
-        """(text, position after it) for each of my documents from the saved position on; a text of
-        None marks a shard boundary, which is a position too."""
-        st = self.state
-        epoch, shard_pos, record = st["epoch"], st["shard_pos"], st["record"]
+    def _documents(self, epoch, shard_pos, record):
+        """(text, position after it) for each of my documents from a position on; a text of None
+        marks a shard boundary, which is a position too."""
         while True:
             full_pass, seen_text = (shard_pos, record) == (0, 0), False
             order = self.shard_order(epoch)
@@ -70,41 +90,89 @@ class ReaderStream:
                 )
             epoch, shard_pos, record = epoch + 1, 0, 0
 
-    def __iter__(self):
-        raw_length, st = self.corruption.raw_length, self.state
-        pending = np.asarray(st["pending"], dtype=np.int64)
-        chunks: list[np.ndarray] = []
-        texts, position = [], None
-        documents = self._documents()
+    def _chunks(self, epoch, shard_pos, record, offset):
+        """(raw chunk, position where the following chunk begins), from a position on.
+
+        Token arrays are kept per document (a deque of (position, tokens, first unused)), so cutting a
+        chunk costs the chunk, never the read-ahead: a huge document is tokenized once and sliced."""
+        raw_length = self.corruption.raw_length
+        documents = self._documents(epoch, shard_pos, record)
+        at = (epoch, shard_pos, record)  # position before the next document read
+        queue, queued, skip = deque(), 0, offset
+        exhausted = False
         while True:
-            # fill: tokenize a few documents at a time
-            try:
-                text, position = next(documents)
-                if text is not None:
-                    texts.append(text)
-                if len(texts) < DOCS_PER_ENCODE and text is not None:
-                    continue
-            except StopIteration:
-                documents = None
-            if texts:
-                ids = self.tokenizer.encode_batch(texts, add_eos=True)
-                pending = np.concatenate([pending, *[np.asarray(t, dtype=np.int64) for t in ids]])
-                texts = []
-            # cut: whole raw chunks; a batch is complete when it has batch_size of them
-            while len(pending) >= raw_length and len(chunks) < self.batch_size:
-                chunks.append(pending[:raw_length])
-                pending = pending[raw_length:]
-                if len(chunks) == self.batch_size:
-                    # held-out readers get their own masks, not copies of the training readers' first ones
-                    rng = np.random.default_rng([self.seed, self.reader, st["batches"], int(self.train)])
-                    inputs, targets = self.corruption(np.stack(chunks), rng)
-                    chunks = []
-                    epoch, shard_pos, record = position
-                    st.update(epoch=epoch, shard_pos=shard_pos, record=record, batches=st["batches"] + 1)
-                    st["pending"] = pending.tolist()
-                    yield inputs, targets
-            if documents is None:
-                return  # held-out data ends; an incomplete last batch is dropped (fixed shapes)
+            while queued < raw_length and not exhausted:
+                texts, starts = [], []
+                for text, after in documents:
+                    if text is not None:
+                        texts.append(text)
+                        starts.append(at)
+                    at = after
+                    if len(texts) >= DOCS_PER_ENCODE:
+                        break
+                else:
+                    exhausted = True
+                for start, ids in zip(starts, self.tokenizer.encode_batch(texts, add_eos=True) if texts else ()):
+                    tokens = np.asarray(ids, dtype=np.int64)
+                    first, skip = min(skip, len(tokens)), 0
+                    queue.append([start, tokens, first])
+                    queued += len(tokens) - first
+            if queued < raw_length:
+                return  # held-out data ends; an incomplete last chunk is dropped (fixed shapes)
+            parts, need = [], raw_length
+            while need:
+                entry = queue[0]
+                _, tokens, first = entry
+                take = min(need, len(tokens) - first)
+                parts.append(tokens[first : first + take])
+                entry[2] += take
+                need -= take
+                if entry[2] == len(tokens):
+                    queue.popleft()
+            queued -= raw_length
+            following = (*queue[0][0], queue[0][2]) if queue else (*at, 0)
+            yield np.concatenate(parts) if len(parts) > 1 else parts[0], following
+
+    def _blocks(self):
+        """(chunk, state after handing it out). Training readers permute blocks of `shuffle_buffer`
+        consecutive chunks with an RNG keyed by (seed, reader, block); the state records where the
+        block began, so a resume re-reads that block and continues at the same index."""
+        st = dict(self.state)
+        position = (st["epoch"], st["shard_pos"], st["record"], st["offset"])
+        block, index = st["block"], st["index"]
+        size = max(self.shuffle_buffer, 1)
+        chunks = self._chunks(*position)
+        while True:
+            taken = list(itertools.islice(chunks, size))
+            if not taken:
+                return
+            following = taken[-1][1]
+            order = np.arange(len(taken))
+            if size > 1:
+                np.random.default_rng([self.seed, self.reader, block, 2]).shuffle(order)
+            for i in range(index, len(taken)):
+                if size > 1:
+                    done = (block, i + 1) if i + 1 < len(taken) else (block + 1, 0)
+                    at = position if i + 1 < len(taken) else following
+                else:
+                    done, at = (block + 1, 0), taken[i][1]
+                yield taken[order[i]][0], (at, *done)
+            position, block, index = following, block + 1, 0
+
+    def __iter__(self):
+        st = self.state
+        batch = []
+        for chunk, (position, block, index) in self._blocks():
+            batch.append(chunk)
+            if len(batch) == self.batch_size:
+                # held-out readers get their own masks, not copies of the training readers' first ones
+                rng = np.random.default_rng([self.seed, self.reader, st["batches"], int(self.train)])
+                inputs, targets = self.corruption(np.stack(batch), rng)
+                batch = []
+                epoch, shard_pos, record, offset = position
+                st.update(epoch=epoch, shard_pos=shard_pos, record=record, offset=offset, block=block,
+                          index=index, batches=st["batches"] + 1)
+                yield inputs, targets
 
 
 class _WorkerDataset(torch.utils.data.IterableDataset):
@@ -132,8 +200,32 @@ class _WorkerDataset(torch.utils.data.IterableDataset):
             yield local, None, str(err)
 
 
+def die_with_parent(parent_pid: int, worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: the kernel kills this worker with SIGKILL when its parent dies.
+
+    A parent killed with SIGKILL (an OOM kill, `kill -9`) runs no clean-up, and its workers would
+    otherwise live on, blocked writing batches into a pipe no one reads. Linux only; elsewhere
+    torch's own watchdog (workers poll their parent every few seconds) remains.
+    """
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    PR_SET_PDEATHSIG = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect: nobody would kill us
+        os._exit(1)
+
+
 def _copy_state(state: dict) -> dict:
-    return {**state, "pending": list(state["pending"])}
+    return {k: int(v) for k, v in state.items()}
 
 
 class PretrainLoader:
@@ -144,11 +236,14 @@ class PretrainLoader:
     """
 
     def __init__(self, *, source, tokenizer, corruption, batch_size, seed, rank, world_size, num_workers,
-                 train, pin_memory=False):
+                 train, pin_memory=False, allow_changed_files=False, shuffle_buffer=0):
         self.source, self.tokenizer, self.corruption = source, tokenizer, corruption
         self.batch_size, self.seed, self.train = batch_size, seed, train
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.pin_memory = pin_memory
+        self.pin_memory, self.allow_changed_files = pin_memory, allow_changed_files
+        if shuffle_buffer < 0:
+            raise T5ForgeError(f"data.shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        self.shuffle_buffer = shuffle_buffer if train else 0
         self.input_length, self.target_length = corruption.input_length, corruption.target_length
         self.raw_length = corruption.raw_length
         self._local_readers = max(num_workers, 1)
@@ -162,6 +257,7 @@ class PretrainLoader:
             stream = ReaderStream(
                 self.source, self.tokenizer, self.corruption, self.batch_size, self.seed,
                 reader=self.rank * readers + local, num_readers=self.world_size * readers, train=self.train,
+                shuffle_buffer=self.shuffle_buffer,
             )
             if local in states:
                 stream.state = _copy_state(states[local])
@@ -193,6 +289,7 @@ class PretrainLoader:
             loader = torch.utils.data.DataLoader(
                 dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                 prefetch_factor=2, generator=generator,
+                worker_init_fn=functools.partial(die_with_parent, os.getpid()),
             )
             for local, batch, state in loader:
                 if batch is None:
@@ -215,16 +312,32 @@ class PretrainLoader:
             "consumed": self._consumed,
             "readers": {int(k): _copy_state(v) for k, v in self._states.items()},
             "layout": self._layout(),
+            "source": self.source.fingerprint(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
-            raise T5ForgeError(f"data loader state has version {state.get('version')}, expected {STATE_VERSION}")
+            raise T5ForgeError(
+                f"the checkpoint's data position has format version {state.get('version')} and this t5forge reads "
+                f"version {STATE_VERSION}; resume it with the t5forge that wrote it, or start a new run"
+            )
         if state["layout"] != self._layout():
             raise T5ForgeError(
                 f"cannot resume the data position: it was saved with {state['layout']} and this run has "
-                f"{self._layout()}; resume with the same data.num_workers, world size, batch size and input length"
+                f"{self._layout()}; resume with the same data.num_workers, data.shuffle_buffer, world size, batch size and input length"
             )
+        changed = fingerprint_difference(state["source"], self.source.fingerprint()) if "source" in state else ""
+        if changed and not self.allow_changed_files:
+            raise T5ForgeError(
+                f"the training data changed since the checkpoint ({changed}): its saved position would re-read or "
+                "skip data; restore the files, or continue from the saved position anyway with "
+                "data.allow_changed_files=true"
+            )
+        if changed:
+            import logging
+
+            logging.getLogger(__name__).warning("training data changed since the checkpoint (%s); continuing "
+                                                "from the saved position (data.allow_changed_files=true)", changed)
         self._consumed = int(state["consumed"])
         self._states = {int(k): _copy_state(v) for k, v in state["readers"].items()}
 
@@ -232,6 +345,7 @@ class PretrainLoader:
         return {
             "rank": self.rank, "world_size": self.world_size, "num_workers": self.num_workers,
             "batch_size": self.batch_size, "raw_length": self.raw_length, "seed": self.seed,
+            "shuffle_buffer": self.shuffle_buffer,
         }
 
 
@@ -252,7 +366,10 @@ def build_pretrain_loader(
     world_size: int = 1,
     num_workers: int = 0,
     on_decode_error: str = "raise",
+    skip_option: str | None = None,
     pin_memory: bool = False,
+    allow_changed_files: bool = False,
+    shuffle_buffer: int = 0,
 ) -> PretrainLoader:
     """Span-corruption batches from local `files` (if any) or the Hub `dataset`; see the module docstring."""
     from t5forge.tokenizer import load_tokenizer
@@ -270,9 +387,10 @@ def build_pretrain_loader(
     )
     source = TextSource(
         dataset=dataset, dataset_config=dataset_config, files=files, split=split, text_field=text_field,
-        on_decode_error=on_decode_error,
+        on_decode_error=on_decode_error, skip_option=skip_option,
     )
     return PretrainLoader(
         source=source, tokenizer=tokenizer, corruption=corruption, batch_size=batch_size, seed=seed, rank=rank,
         world_size=world_size, num_workers=num_workers, train=split == "train", pin_memory=pin_memory,
+        allow_changed_files=allow_changed_files, shuffle_buffer=shuffle_buffer,
     )

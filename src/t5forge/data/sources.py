@@ -107,7 +107,10 @@ class TextSource:
         split: str = "train",
         text_field: str = "text",
         on_decode_error: str = "raise",
+        skip_option: str | None = None,
     ):
+        """`skip_option`: how the calling command turns on skipping undecodable records (named in the
+        error's advice), or None when it cannot skip."""
         if on_decode_error not in DECODE_ERROR_MODES:
             raise T5ForgeError(f"on_decode_error must be one of {DECODE_ERROR_MODES}, got {on_decode_error!r}")
         self.files = resolve_files(files) if files else []
@@ -115,6 +118,7 @@ class TextSource:
             raise T5ForgeError("no data: give local files (data.train_files=[...]) or a dataset name (data.dataset)")
         self.dataset, self.dataset_config, self.split = dataset, dataset_config, split
         self.text_field, self.on_decode_error = text_field, on_decode_error
+        self.skip_option = skip_option
         self.num_shards = None  # known once loaded
         self._ds = self._load()
         self.num_shards = self._ds.n_shards
@@ -123,6 +127,13 @@ class TextSource:
     def __repr__(self) -> str:
         where = f"{len(self.files)} local file(s)" if self.files else f"{self.dataset} ({self.dataset_config})"
         return f"TextSource({where}, split={self.split!r}, shards={self.num_shards})"
+
+    def fingerprint(self) -> dict:
+        """What the data position refers to: each local file's (path, size, mtime_ns), or the Hub
+        dataset's name, config and split."""
+        if self.files:
+            return {"files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in self.files]}
+        return {"dataset": self.dataset, "config": self.dataset_config, "split": self.split}
 
     def _load(self):
         import datasets
@@ -223,9 +234,10 @@ class TextSource:
         except UnicodeDecodeError as err:
             if self.on_decode_error == "skip":
                 return None
+            skip = f", or skip such records and count them with {self.skip_option}" if self.skip_option else ""
             return (
-                f"bytes that are not UTF-8 ({err.reason} at byte {err.start}); re-encode the file as UTF-8, or "
-                "skip such records and count them with on_decode_error='skip' (--on-decode-error skip)"
+                f"bytes that are not UTF-8 ({err.reason} at byte {err.start}); re-encode the file as UTF-8 "
+                f"(e.g. iconv -f latin1 -t utf-8){skip}"
             )
         if builder == "text" or not line.strip():
             return None
@@ -235,7 +247,37 @@ class TextSource:
             return f"invalid JSON ({err.msg} at column {err.colno}); each line must be one JSON object"
         if not isinstance(record, dict):
             return f"a JSON {type(record).__name__} where an object with a {self.text_field!r} field was expected"
+        if self.text_field in record and not isinstance(record[self.text_field], str):
+            value = record[self.text_field]
+            kind = "null" if value is None else f"a JSON {_json_kind(value)}"
+            return f"field {self.text_field!r} holds {kind}, not a string; make it the record's text or set data.text_field"
         if not isinstance(record.get(self.text_field), str):
             fields = ", ".join(record) or "none"
             return f"record has no text field {self.text_field!r} (its fields: {fields}); set data.text_field"
         return None
+
+
+def _json_kind(value) -> str:
+    return {bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def fingerprint_difference(saved: dict, now: dict) -> str:
+    """'' when equal, else the differences as one line: "shard added: X; size changed: Y (A -> B bytes)"."""
+    if saved == now:
+        return ""
+    if "files" not in saved or "files" not in now:
+        describe = lambda f: ", ".join(f"{k} {v}" for k, v in f.items()) if "files" not in f else f"{len(f['files'])} local file(s)"  # noqa: E731
+        return f"data source changed: {describe(saved)} -> {describe(now)}"
+    before = {name: (size, mtime) for name, size, mtime in saved["files"]}
+    after = {name: (size, mtime) for name, size, mtime in now["files"]}
+    diffs = [f"shard added: {n}" for n in after if n not in before]
+    diffs += [f"shard removed: {n}" for n in before if n not in after]
+    for name in before.keys() & after.keys():
+        (size0, mtime0), (size1, mtime1) = before[name], after[name]
+        if size0 != size1:
+            diffs.append(f"size changed: {name} ({size0} -> {size1} bytes)")
+        elif mtime0 != mtime1:
+            diffs.append(f"modified: {name} (same size, new modification time)")
+    if not diffs and list(before) != list(after):
+        diffs.append("the files are in another order")
+    return "; ".join(sorted(diffs, key=lambda d: (d.split(":")[0], d)))

@@ -23,32 +23,43 @@ from t5forge.errors import T5ForgeError
 def compute_input_and_target_lengths(inputs_length: int, noise_density: float, mean_noise_span_length: float):
     """(raw_tokens_length, targets_length) so that corrupted inputs are exactly `inputs_length` long.
 
-    T5's `random_spans_helper` (Python float rounding): 512, 0.15, 3.0 -> (568, 114).
+    T5's `random_spans_helper` (Python float rounding): 512, 0.15, 3.0 -> (568, 114). It counts
+    noise and spans as the mask does (`noise_span_counts`, which keeps at least one of each), so
+    the planned length is the one the mask produces, also for very short inputs.
     """
 
     def lengths(tokens_length):
-        num_noise = int(round(tokens_length * noise_density))
-        num_spans = int(round(num_noise / mean_noise_span_length))
+        num_noise, num_spans = noise_span_counts(tokens_length, noise_density, mean_noise_span_length)
         # inputs: non-noise + one sentinel per span + EOS; targets: noise + one sentinel per span + EOS
         return tokens_length - num_noise + num_spans + 1, num_noise + num_spans + 1
 
-    tokens_length = inputs_length
+    # the corrupted length never falls as the raw length grows: take the longest raw length that fits
+    # (below inputs_length when every span adds a sentinel, mean span 1)
+    tokens_length = 2
     while lengths(tokens_length + 1)[0] <= inputs_length:
         tokens_length += 1
     _, targets_length = lengths(tokens_length)
-    # T5's own tweak: at density 0.5 make targets as long as inputs (a rounder number).
-    if noise_density == 0.5 and targets_length > inputs_length:
+    # T5's own tweak: at density 0.5 make targets as long as inputs (a rounder number), where the
+    # shorter raw chunk still corrupts to inputs_length
+    if noise_density == 0.5 and targets_length > inputs_length and lengths(tokens_length - 1)[0] == inputs_length:
         tokens_length -= 1
-        targets_length -= 1
+        targets_length = lengths(tokens_length)[1]
     return tokens_length, targets_length
 
 
 def noise_span_counts(length: int, noise_density: float, mean_noise_span_length: float):
-    """(num_noise_tokens, num_noise_spans) for a chunk, rounded as T5's mask does (float32, half to even)."""
+    """(num_noise_tokens, num_noise_spans) for a chunk, rounded in float64, half to even.
+
+    T5's TF mask rounds in float32 while its length helper (`random_spans_helper`) rounds Python
+    floats; where the two disagree the chunk does not corrupt to the planned length (input 172 at
+    0.15: raw 190 x 0.15 is 28.5 in float64, rounded to 28, but 28.500002 in float32, rounded to 29).
+    nanoT5 and HF's run_t5_mlm_flax round both in float64, as here, so every planned length is served;
+    elsewhere (e.g. 512 at 0.15 / 3) the counts are T5's.
+    """
     length = max(length, 2)
-    num_noise = int(np.round(np.float32(length) * np.float32(noise_density)))
+    num_noise = int(round(length * float(noise_density)))
     num_noise = min(max(num_noise, 1), length - 1)  # at least one noise and one non-noise token
-    num_spans = int(np.round(np.float32(num_noise) / np.float32(mean_noise_span_length)))
+    num_spans = int(round(num_noise / float(mean_noise_span_length)))
     return num_noise, max(num_spans, 1)
 
 

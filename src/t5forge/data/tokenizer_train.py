@@ -62,7 +62,9 @@ def train_tokenizer(
         raise T5ForgeError(
             f"vocabulary of {total} is too small for {extra_ids} sentinels plus pad/eos/unk and text pieces"
         )
-    source = TextSource(files=files, text_field=text_field, on_decode_error=on_decode_error)
+    source = TextSource(
+        files=files, text_field=text_field, on_decode_error=on_decode_error, skip_option="--on-decode-error skip"
+    )
     sentences = _sentences(source, max_sentences)
     try:
         first = next(sentences)

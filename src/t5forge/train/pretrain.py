@@ -49,7 +49,8 @@ def build_loader(cfg: RunConfig, plan, tokenizer, world, split: str):
         rank=world.rank if split == "train" else 0, world_size=world.world_size if split == "train" else 1,
         # Held-out batches are few and read once per evaluation: workers would only add start-up time.
         num_workers=d.num_workers if split == "train" else 0,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.cuda.is_available(), allow_changed_files=d.allow_changed_files,
+        shuffle_buffer=d.shuffle_buffer,
     )
 
 
