@@ -1,7 +1,7 @@
 """Fault-injection fixtures: real `t5forge` processes on real files, with tiny models.
 
 `run_t5forge` starts `python -m t5forge ...` as a subprocess (so signals, exit codes, locks and
-`kill -9` are real), and `tiny_pretrain_args` a pt_tiny run on the real C4 sample and T5
+`kill -9` are real; `start_t5forge` for a process to signal or kill), and `tiny_pretrain_args` a pt_tiny run on the real C4 sample and T5
 vocabulary that trains in a few seconds; `read_metrics` reads a run's metrics.jsonl.
 """
 
@@ -36,6 +36,20 @@ def run_t5forge():
         return done
 
     return run
+
+
+@pytest.fixture
+def start_t5forge():
+    """start_t5forge(*args, env=None, stdout=PIPE) -> Popen (text) of `python -m t5forge ...`, for tests
+    that signal or kill a running process."""
+
+    def start(*args, env: dict | None = None, stdout=subprocess.PIPE, cwd=None) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "t5forge", *map(str, args)], env=env or t5forge_env(), stdout=stdout,
+            stderr=subprocess.PIPE, text=True, cwd=cwd,
+        )
+
+    return start
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.conftest import t5forge_env
 
 
 def _children(pid: int) -> set[int]:
@@ -38,11 +37,10 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal and /proc are Linux's")
-def test_kill_9_of_the_trainer_takes_its_data_workers_with_it(tmp_path, tiny_pretrain_args):
+def test_kill_9_of_the_trainer_takes_its_data_workers_with_it(tmp_path, tiny_pretrain_args, start_t5forge):
     args = tiny_pretrain_args(tmp_path / "run", "data.num_workers=2", "optim.total_steps=100000",
                               "eval.steps=0", "checkpoint.every_steps=100000")
-    proc = subprocess.Popen([sys.executable, "-m", "t5forge", *map(str, args)], env=t5forge_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start_t5forge(*args, stdout=subprocess.DEVNULL)
     try:
         metrics = tmp_path / "run" / "metrics.jsonl"
         deadline = time.time() + 120

@@ -10,10 +10,8 @@ parameters, the optimizer state and the loss history must equal an uninterrupted
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -43,11 +41,6 @@ def trained_steps(run_dir: Path) -> int:
     return sum(1 for line in lines if '"kind": "train"' in line)
 
 
-def start(argv) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "t5forge", *map(str, argv)], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def kill_when(proc: subprocess.Popen, ready, deadline_s: float = 60) -> bool:
     """SIGKILL `proc` as soon as `ready()` holds; False when the process ended first."""
     end = time.monotonic() + deadline_s
@@ -71,7 +64,7 @@ def final_state(run_dir: Path) -> tuple[dict, dict]:
 
 
 @pytest.mark.slow
-def test_random_kills_then_resume_is_bit_identical(tmp_path, run_t5forge, tiny_pretrain_args):
+def test_random_kills_then_resume_is_bit_identical(tmp_path, run_t5forge, start_t5forge, tiny_pretrain_args):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run_t5forge(*tiny_pretrain_args(straight, *EXTRA), check=0)
 
@@ -79,7 +72,7 @@ def test_random_kills_then_resume_is_bit_identical(tmp_path, run_t5forge, tiny_p
     kills, during_write, relaunches = 0, 0, 0
     while True:
         resume = ["resume=auto"] if relaunches else []
-        proc = start(tiny_pretrain_args(killed, *EXTRA, *resume))
+        proc = start_t5forge(*tiny_pretrain_args(killed, *EXTRA, *resume))
         relaunches += 1
         before = trained_steps(killed) if relaunches > 1 else 0
         if kills == 1:
