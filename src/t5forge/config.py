@@ -46,7 +46,8 @@ class ModelConfig:
     checkpoint_path: str = _key("", "start from these weights (HF T5 dir, t5forge model/checkpoint/run dir): "
                                 "continued pre-training / fine-tuning; '' = none")
     random_init: bool = _key(True, "without checkpoint_path: true = fresh weights, false = model.name's pretrained weights")
-    compile: bool = _key(False, "torch.compile the model")
+    compile: Optional[bool] = _key(None, "torch.compile the model (bf16 + compile is the GPU recipe); null = on "
+                                   "for CUDA (as nanoT5 runs), off for CPU (eager; see model.compile_elementwise)")
     compile_elementwise: Optional[bool] = _key(None, "torch.compile only the residual adds, norms and gated "
                                                "activations while training on CPU (model/fused.py); null = on "
                                                "there unless model.compile")

@@ -14,7 +14,7 @@ def test_defaults_are_nanot5_default_yaml():
     # nanoT5 configs/default.yaml
     assert (cfg.seed, cfg.precision, cfg.mode) == (2137, "bf16", "pt")
     assert (cfg.model.name, cfg.model.random_init, cfg.model.dropout_rate, cfg.model.compile) == (
-        "google/t5-v1_1-base", True, 0.0, False)
+        "google/t5-v1_1-base", True, 0.0, None)
     assert (cfg.data.input_length, cfg.data.mlm_probability, cfg.data.mean_noise_span_length, cfg.data.num_workers) == (
         512, 0.15, 3.0, 8)
     o = cfg.optim

@@ -33,6 +33,7 @@ its few-token targets as one short dense row.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -333,19 +334,23 @@ def _same_segment(query_segments, key_segments):  # (B, Q), (B, K) -> (B, Q, K) 
 
 
 # ------------------------------------------------------------------ FlexAttention
-_COMPILED_FLEX = None
-
-
 def _flex_attention(device: torch.device):
-    """flex_attention, compiled on GPU (its fused kernel); eager elsewhere (unfused, forward only)."""
-    global _COMPILED_FLEX
+    """flex_attention, compiled on GPU (its fused kernel); eager elsewhere (unfused, forward only).
+    Inside a compiled model the plain function is returned: dynamo traces it as its higher-order op
+    and lowers it to the same fused kernel, and nothing is cached or mutated while tracing (a Python
+    global written from inside the graph would invalidate its guards and recompile at step 2)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    if device.type != "cuda":
+    if device.type != "cuda" or torch.compiler.is_compiling():
         return flex_attention
-    if _COMPILED_FLEX is None:
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
-    return _COMPILED_FLEX
+    return _compiled_flex()
+
+
+@functools.cache
+def _compiled_flex():  # called only outside torch.compile's tracing (eager models on GPU)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def _flex_bias(q_len, k_len, table, buckets, key_padding_mask, causal, query_offset, query_segments,

@@ -100,8 +100,10 @@ def pack_capacity(cfg: RunConfig, examples_per_batch: int, device: torch.device)
     model/attention.py's spans) a row's width costs nothing extra, so the whole micro-batch goes
     into one row, padding-free; elsewhere attention over a packed row costs rows x width^2 (dense
     masks) or compiles per width (flex), so rows stay at the longest."""
+    from t5forge.train.setup import compiles
+
     f = cfg.finetune
-    if f.pack_source_len or f.pack_target_len or cfg.model.compile:
+    if f.pack_source_len or f.pack_target_len or compiles(cfg.model, device):
         return f.pack_source_len or None, f.pack_target_len or None
     from t5forge.model.attention import use_spans
 

@@ -152,16 +152,32 @@ def resume_or_seed(resume_from, cfg: RunConfig, model, optimizer, loader, world)
 
 
 def training_model(model, cfg: RunConfig, world, device):
-    """The module the loop calls: DDP-wrapped under torchrun, compiled with model.compile; on CPU
+    """The module the loop calls: DDP-wrapped under torchrun, compiled with model.compile (null: on CUDA); on CPU
     without it, the elementwise stretches compiled on their own (model.compile_elementwise)."""
     from t5forge.model import fused
     from t5forge.train.distributed import wrap_ddp
 
-    if fused.wanted(cfg.model.compile_elementwise, device, cfg.model.compile):
+    compiled = compiles(cfg.model, device)
+    if fused.wanted(cfg.model.compile_elementwise, device, compiled):
         log.info("residual adds, norms and gated activations: torch.compile'd loops (model.compile_elementwise)")
         model.compile_elementwise(True)
     wrapped = wrap_ddp(model, world, device)
-    return torch.compile(wrapped) if cfg.model.compile else wrapped
+    if not compiled:
+        return wrapped
+    if wrapped is not model and cfg.model.attention == "flex":
+        # DDPOptimizer (dynamo's graph splitting at DDP bucket boundaries) cannot split graphs holding
+        # FlexAttention's higher-order op (pytorch#137481): compile DDP's module as one graph, its
+        # gradients all-reduced after the backward by DDP's hooks (no compute/communication overlap).
+        torch._dynamo.config.optimize_ddp = False
+        log.info("DDP + compile + flex: dynamo's DDP graph splitting off (torch._dynamo.config.optimize_ddp)")
+    return torch.compile(wrapped)
+
+
+def compiles(model_cfg, device) -> bool:
+    """model.compile resolved: null = on for CUDA, off elsewhere."""
+    if model_cfg.compile is not None:
+        return model_cfg.compile
+    return torch.device(device).type == "cuda"
 
 
 def start_run_files(cfg: RunConfig, run_dir, state, resumed: bool, total_steps: int, world, summary: str):
