@@ -20,8 +20,8 @@ class AdamWScale(torch.optim.Optimizer):
 
     - "fused" (default on CPU): torch's fused AdamW kernel, one pass per parameter (_fused_update).
     - "foreach" (default elsewhere): multi-tensor kernels over all of a group's parameters, so a
-      GPU step is ~10 kernel launches per group instead of ~10 per parameter; the RMS values reach
-      the host with one sync per group (their norms are computed in one kernel first).
+      GPU step is ~10 kernel launches per group instead of ~10 per parameter, and it never reads a
+      device value on the host (the per-parameter step sizes stay device tensors).
     - "loop": the formula, parameter by parameter; the reference the others are tested against.
     """
 
@@ -101,19 +101,27 @@ def _loop_update(params, grads, exp_avgs, exp_avg_sqs, steps, group) -> None:
 
 
 def _foreach_update(params, grads, exp_avgs, exp_avg_sqs, steps, group) -> None:
+    """No host reads: the per-parameter step sizes stay 0-d device tensors and reach the update
+    through tensor-list foreach ops (`_foreach_addcdiv_` with a tensor of scalars would copy them
+    to the host; `_foreach_mul_` with a list of tensors does not)."""
     beta1, beta2 = group["betas"]
-    # All RMS values before the update, in one kernel and one host transfer.
-    # Accumulated in fp32 (fp64 for fp64 parameters), as _rms does for half-precision ones.
+    # All RMS values before the update, in one kernel. Accumulated in fp32 (fp64 for fp64
+    # parameters), as _rms does for half-precision ones.
     wide = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-    norms = torch.stack(torch._foreach_norm(params, 2, dtype=wide))
-    sqrt_numel = torch.tensor([math.sqrt(p.numel()) for p in params], dtype=wide, device=norms.device)
-    rms = (norms / sqrt_numel).clamp_(min=1e-3).tolist()
+    scales = torch._foreach_norm(params, 2, dtype=wide)
+    torch._foreach_div_(scales, [math.sqrt(p.numel()) for p in params])
+    torch._foreach_clamp_min_(scales, 1e-3)
+    torch._foreach_mul_(scales, [-_step_size(group, t) for t in steps])  # host scalars: kernel arguments
+    scales = [s.to(p.dtype) for s, p in zip(scales, params)]
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_add_(denom, group["eps"])
-    torch._foreach_addcdiv_(params, exp_avgs, denom, [-_step_size(group, t) * r for t, r in zip(steps, rms)])
+    updates = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(updates, group["eps"])
+    torch._foreach_div_(updates, exp_avgs)
+    torch._foreach_reciprocal_(updates)  # m / (sqrt(v) + eps), in the buffer of the denominators
+    torch._foreach_mul_(updates, scales)
+    torch._foreach_add_(params, updates)
 
 
 def _fused_update(params, grads, exp_avgs, exp_avg_sqs, steps, group) -> None:

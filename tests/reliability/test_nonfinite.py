@@ -1,0 +1,68 @@
+"""Non-finite training: steps skipped and counted, a clear stop, no NaN checkpoint, NaN models refused."""
+
+import math
+
+import pytest
+import torch
+
+from t5forge.errors import T5ForgeError
+from t5forge.model.config import T5Config
+from t5forge.model.t5 import T5
+from t5forge.train.loop import train_step
+
+
+def test_a_nonfinite_step_leaves_weights_and_moments_unchanged():
+    torch.manual_seed(0)
+    model = T5(T5Config.from_name("tiny", vocab_size=128, dropout_rate=0.0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(3, 100, (2, 8))
+    good = [{"input_ids": ids, "labels": torch.randint(3, 100, (2, 4))}]
+    train_step(model, opt, good, 1e-2, grad_clip=1.0, device=torch.device("cpu"))
+    with torch.no_grad():
+        model.shared.weight[5, 0] = math.inf  # a poisoned input row: the loss becomes NaN
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = [s["exp_avg"].clone() for s in opt.state.values()]
+    bad = [{"input_ids": torch.full((2, 8), 5), "labels": torch.randint(3, 100, (2, 4))}]
+    loss, _, _, finite = train_step(model, opt, bad, 1e-2, grad_clip=1.0, device=torch.device("cpu"))
+    assert not bool(finite) and not math.isfinite(float(loss))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for a, s in zip(moments, opt.state.values()):
+        assert torch.equal(a, s["exp_avg"])
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_diverged_run_stops_without_a_nonfinite_checkpoint(tmp_path, run_t5forge, tiny_pretrain_args, read_metrics):
+    from t5forge.model.load import first_nonfinite, load_model
+    from t5forge.train.checkpoint import list_checkpoints
+
+    out = tmp_path / "run"
+    # lr 1e30 on the constant schedule: the first update overflows the weights, and every later step is NaN.
+    done = run_t5forge(*tiny_pretrain_args(out, "optim.base_lr=1e30", "optim.lr_scheduler=constant",
+                                           "optim.final_cosine=0", "optim.max_nonfinite_steps=2",
+                                           "checkpoint.every_steps=1"))
+    assert done.returncode != 0
+    err = done.stderr.strip().splitlines()[-1]
+    assert "NaN/inf" in err and "optim.max_nonfinite_steps" in err and "Traceback" not in done.stderr
+    assert "(None)" not in err
+    for ckpt in list_checkpoints(out):
+        model, _ = load_model(ckpt)  # would refuse a non-finite one
+        assert first_nonfinite(model) is None
+    records = [r for r in read_metrics(out) if r["kind"] == "train"]
+    assert records and all("skipped_steps" in r for r in records)
+    assert records[-1]["skipped_steps"] >= 1
+
+
+def test_load_model_refuses_nan_weights(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from t5forge.model.load import load_model, save_model_dir
+
+    model = T5(T5Config.from_name("tiny", vocab_size=128))
+    save_model_dir(model, None, tmp_path)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    name = sorted(sd)[3]
+    sd[name][0] = float("nan")
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(T5ForgeError, match=f"{name}.*non-finite"):
+        load_model(tmp_path)
