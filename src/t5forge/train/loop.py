@@ -134,9 +134,11 @@ def train_step(model, optimizer, batches: list[dict], lr: float, *, grad_clip: f
 
 def masked_step(optimizer, finite: torch.Tensor) -> None:
     """optimizer.step() that leaves everything unchanged when `finite` is False. torch's fused AdamW
-    takes the flag as `found_inf` (it skips on the device and keeps its step count right); any other
-    optimizer needs the flag on the host: one read of a 0-d tensor."""
-    if isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("fused"):
+    takes the flag as an attribute, AdamWScale as an argument (both skip on the device and keep their
+    step counts right); any other optimizer needs the flag on the host: one read of a 0-d tensor."""
+    if getattr(optimizer, "accepts_found_inf", False):
+        optimizer.step(found_inf=(~finite).float())
+    elif isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("fused"):
         optimizer.found_inf = (~finite).float()
         try:
             optimizer.step()
