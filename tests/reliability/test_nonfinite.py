@@ -66,3 +66,45 @@ def test_load_model_refuses_nan_weights(tmp_path):
     save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(T5ForgeError, match=f"{name}.*non-finite"):
         load_model(tmp_path)
+
+
+def test_a_collapsed_model_gets_a_warning():
+    from t5forge.train.nonfinite import warn_if_collapsed
+
+    # All-zero weights (a checkpoint that collapsed): uniform predictions and zero gradients.
+    model = T5(T5Config.from_name("tiny", vocab_size=128, dropout_rate=0.0))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    batch = [{"input_ids": torch.randint(3, 100, (2, 8)), "labels": torch.randint(3, 100, (2, 4))}]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss, n, norm, finite = train_step(model, opt, batch, 1e-3, grad_clip=1.0, device=torch.device("cpu"))
+    assert bool(finite)
+    with pytest.warns(UserWarning, match="collapsed"):
+        assert warn_if_collapsed(float(loss / n), float(norm), 128, step=1)
+
+    # A healthy model: no warning.
+    healthy = T5(T5Config.from_name("tiny", vocab_size=128, dropout_rate=0.0))
+    loss, n, norm, _ = train_step(healthy, torch.optim.AdamW(healthy.parameters()), batch, 1e-3, grad_clip=1.0,
+                                  device=torch.device("cpu"))
+    assert not warn_if_collapsed(float(loss / n), float(norm), 128, step=1)
+
+
+def test_all_empty_targets_get_a_warning(tmp_path, spiece_path):
+    import json
+
+    from t5forge.data.seq2seq import load_seq2seq_files
+    from t5forge.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(spiece_path)
+    empty, fine = tmp_path / "empty.jsonl", tmp_path / "fine.jsonl"
+    empty.write_text("".join(json.dumps({"input": f"question {i}", "target": ""}) + "\n" for i in range(3)))
+    fine.write_text("".join(json.dumps({"input": f"question {i}", "target": "yes" if i else ""}) + "\n" for i in range(3)))
+    options = dict(tokenizer=tok, max_source_length=32, max_target_length=8, name="finetune.train_files")
+    with pytest.warns(UserWarning, match="every target .* is empty"):
+        assert len(load_seq2seq_files([str(empty)], **options)) == 3
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_seq2seq_files([str(fine)], **options)

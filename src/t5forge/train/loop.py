@@ -29,7 +29,7 @@ from t5forge.train import rng
 from t5forge.train.checkpoint import Checkpointer, unwrap_model
 from t5forge.train.distributed import World, all_reduce_sum
 from t5forge.train.metrics_log import MetricsLogger, estimate_mfu
-from t5forge.train.nonfinite import NonfiniteSteps, check_weights_finite
+from t5forge.train.nonfinite import NonfiniteSteps, check_weights_finite, warn_if_collapsed
 from t5forge.train.state import TrainState
 from t5forge.train.timing import Stopwatch
 
@@ -188,6 +188,7 @@ def train(parts: LoopParts, state: TrainState) -> TrainState:
     first_step_of_process = True
     skipped = NonfiniteSteps(parts.device, cfg.optim.max_nonfinite_steps)
     host_reads = parts.device.type == "cpu"
+    collapse_warned = False
     last_eval = last_ckpt = -1
 
     # stop_at_step ends this process early (a checkpoint, no final evaluation); the schedule still
@@ -225,9 +226,12 @@ def train(parts: LoopParts, state: TrainState) -> TrainState:
         if state.step % every_log == 0 or state.step == stop_at or plan.should_stop(state.step, stopwatch.elapsed):
             skipped_steps = skipped.check(state.step, parts.checkpointer.latest())
             loss = (window["loss"] / window["targets"]).item()  # the host reads of a log step
+            norm = float(grad_norm)
+            if not collapse_warned:
+                collapse_warned = warn_if_collapsed(loss, norm, unwrap_model(parts.model).config.vocab_size, state.step)
             seconds = window["seconds"] / window["steps"]
             parts.logger.log_train(
-                state.step, loss=loss, grad_norm=float(grad_norm), lr=lr, seconds_per_step=seconds,
+                state.step, loss=loss, grad_norm=norm, lr=lr, seconds_per_step=seconds,
                 tokens_per_s=window["tokens"] / window["seconds"],
                 mfu=estimate_mfu(parts.flops_per_step, seconds, (parts.peak_flops or 0) * parts.world.world_size),
                 elapsed_train_seconds=stopwatch.elapsed, skipped_steps=skipped_steps,

@@ -9,6 +9,9 @@ checkpoint is ever written from non-finite weights.
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
 
 from t5forge.errors import T5ForgeError
@@ -58,3 +61,19 @@ def check_weights_finite(model, step: int, last_checkpoint) -> None:
             f"weight {bad!r} is NaN/inf at step {step}: not writing a checkpoint from it; {where}; "
             "lower optim.base_lr or check the data"
         )
+
+
+def collapsed(loss: float, grad_norm: float, vocab_size: int) -> bool:
+    """True for a run that learns nothing: every gradient zero and the loss at ln(vocab), the
+    cross-entropy of uniform predictions (e.g. weights collapsed to zero)."""
+    return grad_norm == 0.0 and abs(loss - math.log(vocab_size)) < 1e-3 * math.log(vocab_size)
+
+
+def warn_if_collapsed(loss: float, grad_norm: float, vocab_size: int, step: int) -> bool:
+    if not collapsed(loss, grad_norm, vocab_size):
+        return False
+    warnings.warn(
+        f"step {step}: every gradient is zero and the loss is ln(vocab) = {math.log(vocab_size):.3f} "
+        "(uniform predictions): the model has collapsed and cannot learn; check model.checkpoint_path's weights"
+    )
+    return True
