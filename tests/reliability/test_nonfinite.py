@@ -108,3 +108,19 @@ def test_all_empty_targets_get_a_warning(tmp_path, spiece_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_seq2seq_files([str(fine)], **options)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_masked_step_skips_torch_adamw_on_the_device_flag(fused):
+    from t5forge.train.loop import masked_step
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    opt = torch.optim.AdamW([p], lr=1e-2, fused=fused, foreach=None if fused else True)
+    p.grad = torch.randn(4, 4)
+    masked_step(opt, torch.tensor(True))
+    before, step = p.detach().clone(), float(opt.state[p]["step"])
+    p.grad = torch.full((4, 4), float("nan"))
+    masked_step(opt, torch.tensor(False))
+    assert torch.equal(p, before) and float(opt.state[p]["step"]) == step and not hasattr(opt, "found_inf")
+    assert torch.isfinite(opt.state[p]["exp_avg"]).all()
