@@ -124,3 +124,16 @@ def test_masked_step_skips_torch_adamw_on_the_device_flag(fused):
     masked_step(opt, torch.tensor(False))
     assert torch.equal(p, before) and float(opt.state[p]["step"]) == step and not hasattr(opt, "found_inf")
     assert torch.isfinite(opt.state[p]["exp_avg"]).all()
+
+
+def test_no_checkpoint_is_written_from_nonfinite_weights(tmp_path):
+    from t5forge.train.nonfinite import check_weights_finite
+
+    model = T5(T5Config.from_name("tiny", vocab_size=128))
+    check_weights_finite(model, 3, None)  # finite: nothing to say
+    with torch.no_grad():
+        model.shared.weight[0, 0] = float("nan")
+    with pytest.raises(T5ForgeError, match=r"'shared.weight' is NaN/inf at step 3.*no checkpoint yet"):
+        check_weights_finite(model, 3, None)
+    with pytest.raises(T5ForgeError, match="last good checkpoint is run/checkpoints/step-00000002"):
+        check_weights_finite(model, 3, "run/checkpoints/step-00000002")
