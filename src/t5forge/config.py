@@ -110,6 +110,8 @@ class OptimConfig:
     weight_decay: float = _key(0.0, "decoupled weight decay, matrices only (p.dim() >= 2)")
     grad_clip: float = _key(1.0, "clip the global grad norm to this (0 = off)")
     grad_acc: int = _key(1, "micro-steps per optimizer step (per rank)")
+    max_nonfinite_steps: int = _key(8, "stop after this many optimizer steps in a row with a NaN/inf loss or "
+                                    "gradient (each is skipped: no update)")
     time_budget: str = _key("", "training-time budget (4h, 90m, 1h30m); drives the schedule; '' = none")
 
 
@@ -504,6 +506,7 @@ def validate(cfg: RunConfig) -> None:
         _fail("optim.final_cosine", o.final_cosine, f"must be in [0, optim.base_lr={o.base_lr}]")
     _at_least("optim.weight_decay", o.weight_decay, 0.0)
     _at_least("optim.grad_clip", o.grad_clip, 0.0)
+    _at_least("optim.max_nonfinite_steps", o.max_nonfinite_steps, 1)
     time_budget_seconds(cfg)  # raises on a malformed duration
 
     _at_least("eval.every_steps", cfg.eval.every_steps, 1)

@@ -20,7 +20,7 @@ def make_batches():
 
 def step(batches, model):
     opt = torch.optim.SGD(model.parameters(), lr=1.0)  # params after = params before - grad
-    loss_sum, n, _ = train_step(model, opt, batches, 1.0, grad_clip=0.0, device=torch.device("cpu"))
+    loss_sum, n, _, _ = train_step(model, opt, batches, 1.0, grad_clip=0.0, device=torch.device("cpu"))
     return {k: v.clone() for k, v in model.state_dict().items()}, float(loss_sum), float(n)
 
 

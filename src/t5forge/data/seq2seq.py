@@ -182,6 +182,11 @@ def log_truncation(examples, tokenizer, max_source_length, max_target_length, *,
     if long_sources is None:
         long_sources = count_truncated([e.source for e in examples], tokenizer, max_source_length)
     refs = [r for e in examples for r in e.references]
+    if refs and not any(r.strip() for r in refs):
+        import warnings
+
+        # Every target is just EOS: the model learns to stop at once, and the loss says nothing.
+        warnings.warn(f"{name}: every target of the {len(examples)} examples is empty; check the target field")
     long_targets = count_truncated(refs, tokenizer, max_target_length)
     logger.info(
         "%s: %d examples; %d sources longer than %d tokens and %d of %d targets longer than %d tokens "

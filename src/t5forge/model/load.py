@@ -148,8 +148,28 @@ def load_model(path, device="cpu", dtype=None, **overrides):
             f"the tokenizer in {directory} has {tokenizer.vocab_size} ids but the model's vocab_size is "
             f"{model.config.vocab_size}; use the tokenizer the model was trained with"
         )
+    refuse_nonfinite(model, directory)
     model.to(device=device)
     if dtype is not None:
         model.to(dtype=dtype)
     return model, tokenizer
+
+
+def first_nonfinite(model) -> str | None:
+    """The name of the first weight holding a NaN or an infinity, or None when all are finite."""
+    for name, tensor in unwrap(model).state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def refuse_nonfinite(model, source) -> None:
+    """A T5ForgeError when a weight of `model` (read from `source`) is NaN or infinite: such a model
+    diverged in training and would generate nothing but garbage."""
+    bad = first_nonfinite(model)
+    if bad is not None:
+        raise T5ForgeError(
+            f"{source}: weight {bad!r} holds non-finite values (NaN or inf); the run that wrote it diverged, "
+            "use an earlier checkpoint"
+        )
 

@@ -89,11 +89,13 @@ class Adafactor(torch.optim.Optimizer):
                 p_work = p.to(dtype)  # p itself unless p is half precision
                 if group["scale_parameter"]:
                     alpha = _rms(p_work).clamp(min=eps2) * group["lr"]  # 0-d tensor: no host sync
-                else:
-                    alpha = torch.tensor(group["lr"], device=p.device, dtype=dtype)
-                if group["weight_decay"] > 0.0:
-                    p_work.sub_(p_work * (alpha * group["weight_decay"]))
-                p_work.sub_(update * alpha)
+                    if group["weight_decay"] > 0.0:
+                        p_work.sub_(p_work * (alpha * group["weight_decay"]))
+                    p_work.sub_(update * alpha)
+                else:  # a plain float: no tensor built from it (a host-to-device copy per parameter)
+                    if group["weight_decay"] > 0.0:
+                        p_work.mul_(1.0 - group["lr"] * group["weight_decay"])
+                    p_work.sub_(update, alpha=group["lr"])
                 if p_work is not p:
                     p.copy_(p_work)
         return loss

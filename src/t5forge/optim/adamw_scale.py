@@ -20,8 +20,8 @@ class AdamWScale(torch.optim.Optimizer):
 
     - "fused" (default on CPU): torch's fused AdamW kernel, one pass per parameter (_fused_update).
     - "foreach" (default elsewhere): multi-tensor kernels over all of a group's parameters, so a
-      GPU step is ~10 kernel launches per group instead of ~10 per parameter; the RMS values reach
-      the host with one sync per group (their norms are computed in one kernel first).
+      GPU step is ~10 kernel launches per group instead of ~10 per parameter, and it never reads a
+      device value on the host (the per-parameter step sizes stay device tensors).
     - "loop": the formula, parameter by parameter; the reference the others are tested against.
     """
 
@@ -43,8 +43,13 @@ class AdamWScale(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.implementation = implementation
 
+    accepts_found_inf = True
+
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, found_inf: torch.Tensor | None = None):
+        """found_inf: an optional 0-d device tensor, 1.0 = skip this step (a non-finite gradient),
+        decided on the device: then nothing changes, the step count included, without a host read.
+        The masked step runs the foreach update with the step counts as device tensors."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -61,7 +66,12 @@ class AdamWScale(torch.optim.Optimizer):
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
+                if found_inf is None:
+                    state["step"] += 1
+                else:
+                    if not torch.is_tensor(state["step"]) or state["step"].device != p.device:
+                        state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device)
+                    state["step"].sub_(found_inf).add_(1.0)
                 params.append(p)
                 grads.append(p.grad)
                 exp_avgs.append(state["exp_avg"])
@@ -72,6 +82,11 @@ class AdamWScale(torch.optim.Optimizer):
             implementation = self.implementation or ("fused" if params[0].device.type == "cpu" else "foreach")
             if implementation == "fused" and not group["correct_bias"]:
                 implementation = "foreach"  # the fused kernel always corrects the bias
+            if found_inf is not None:
+                _masked_foreach_update(params, grads, exp_avgs, exp_avg_sqs, steps, group, found_inf)
+                if group["weight_decay"] > 0.0:
+                    torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"] * (1.0 - found_inf))
+                continue
             update = {"fused": _fused_update, "foreach": _foreach_update, "loop": _loop_update}[implementation]
             update(params, grads, exp_avgs, exp_avg_sqs, steps, group)
             if group["weight_decay"] > 0.0:
@@ -79,8 +94,9 @@ class AdamWScale(torch.optim.Optimizer):
         return loss
 
 
-def _step_size(group, t: int) -> float:
+def _step_size(group, t) -> float:
     lr, (beta1, beta2) = group["lr"], group["betas"]
+    t = float(t)  # a device tensor after masked steps (a host read, outside the masked path)
     return lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t) if group["correct_bias"] else lr
 
 
@@ -101,19 +117,67 @@ def _loop_update(params, grads, exp_avgs, exp_avg_sqs, steps, group) -> None:
 
 
 def _foreach_update(params, grads, exp_avgs, exp_avg_sqs, steps, group) -> None:
+    """No host reads: the per-parameter step sizes stay 0-d device tensors and reach the update
+    through tensor-list foreach ops (`_foreach_addcdiv_` with a tensor of scalars would copy them
+    to the host; `_foreach_mul_` with a list of tensors does not)."""
     beta1, beta2 = group["betas"]
-    # All RMS values before the update, in one kernel and one host transfer.
-    # Accumulated in fp32 (fp64 for fp64 parameters), as _rms does for half-precision ones.
+    # All RMS values before the update, in one kernel. Accumulated in fp32 (fp64 for fp64
+    # parameters), as _rms does for half-precision ones.
     wide = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-    norms = torch.stack(torch._foreach_norm(params, 2, dtype=wide))
-    sqrt_numel = torch.tensor([math.sqrt(p.numel()) for p in params], dtype=wide, device=norms.device)
-    rms = (norms / sqrt_numel).clamp_(min=1e-3).tolist()
+    scales = torch._foreach_norm(params, 2, dtype=wide)
+    torch._foreach_div_(scales, [math.sqrt(p.numel()) for p in params])
+    torch._foreach_clamp_min_(scales, 1e-3)
+    torch._foreach_mul_(scales, [-_step_size(group, t) for t in steps])  # host scalars: kernel arguments
+    scales = [s.to(p.dtype) for s, p in zip(scales, params)]
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_add_(denom, group["eps"])
-    torch._foreach_addcdiv_(params, exp_avgs, denom, [-_step_size(group, t) * r for t, r in zip(steps, rms)])
+    updates = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(updates, group["eps"])
+    torch._foreach_div_(updates, exp_avgs)
+    torch._foreach_reciprocal_(updates)  # m / (sqrt(v) + eps), in the buffer of the denominators
+    torch._foreach_mul_(updates, scales)
+    torch._foreach_add_(params, updates)
+
+
+def _masked_foreach_update(params, grads, exp_avgs, exp_avg_sqs, steps, group, found_inf) -> None:
+    """_foreach_update, a no-op where found_inf is 1.0: gradients zeroed (NaN * 0 would stay NaN),
+    moment decay and step sizes scaled by keep = 1 - found_inf; `steps` are device tensors already
+    advanced by keep, so the bias correction counts applied steps only."""
+    beta1, beta2 = group["betas"]
+    keep = 1.0 - found_inf
+    skip = found_inf.bool()
+    grads = [torch.where(skip, 0.0, g) for g in grads]
+    wide = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    scales = torch._foreach_norm(params, 2, dtype=wide)
+    torch._foreach_div_(scales, [math.sqrt(p.numel()) for p in params])
+    torch._foreach_clamp_min_(scales, 1e-3)
+    if group["correct_bias"]:
+        # Out of place (.to may return the state's own tensor); t >= 1: a skipped first step has
+        # t = 0, whose 0 / 0 would survive the multiplication by keep = 0.
+        t = torch._foreach_clamp_min([s.to(wide) for s in steps], 1.0)
+        bias2 = torch._foreach_pow(beta2, t)  # sqrt(1 - b2^t) / (1 - b1^t)
+        torch._foreach_neg_(bias2)
+        torch._foreach_add_(bias2, 1.0)
+        torch._foreach_sqrt_(bias2)
+        bias1 = torch._foreach_pow(beta1, t)
+        torch._foreach_neg_(bias1)
+        torch._foreach_add_(bias1, 1.0)
+        torch._foreach_div_(bias2, bias1)
+        torch._foreach_mul_(scales, bias2)
+    torch._foreach_mul_(scales, keep.to(wide) * -group["lr"])
+    scales = [s.to(p.dtype) for s, p in zip(scales, params)]
+    for m, v in zip(exp_avgs, exp_avg_sqs):  # decay only on applied steps
+        m.mul_(1.0 - (1.0 - beta1) * keep)
+        v.mul_(1.0 - (1.0 - beta2) * keep)
+    torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    updates = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(updates, group["eps"])
+    torch._foreach_div_(updates, exp_avgs)
+    torch._foreach_reciprocal_(updates)
+    torch._foreach_mul_(updates, scales)
+    torch._foreach_add_(params, updates)
 
 
 def _fused_update(params, grads, exp_avgs, exp_avg_sqs, steps, group) -> None:

@@ -29,6 +29,7 @@ from t5forge.train import rng
 from t5forge.train.checkpoint import Checkpointer, unwrap_model
 from t5forge.train.distributed import World, all_reduce_sum
 from t5forge.train.metrics_log import MetricsLogger, estimate_mfu
+from t5forge.train.nonfinite import NonfiniteSteps, check_weights_finite, warn_if_collapsed
 from t5forge.train.state import TrainState
 from t5forge.train.timing import Stopwatch
 
@@ -72,14 +73,36 @@ def count_tokens(batch: dict) -> int:
     return n_in + int((batch["labels"] != -100).sum())
 
 
+def count_targets(batches: list[dict]) -> int:
+    """Target tokens (labels != -100) of host micro-batches: no device read."""
+    return sum(int((b["labels"] != -100).sum()) for b in batches)
+
+
+def step_targets(local_targets: int, device: torch.device, world: World):
+    """All ranks' target tokens of a step: a Python float in a single process; under torchrun a
+    0-d device tensor, copied from pinned memory without waiting, then all-reduced."""
+    if not world.distributed:
+        return float(local_targets)
+    host = torch.tensor(float(local_targets), pin_memory=device.type == "cuda")
+    return all_reduce_sum(host.to(device, non_blocking=True), world)
+
+
 def train_step(model, optimizer, batches: list[dict], lr: float, *, grad_clip: float, device: torch.device,
-               autocast: Callable[[], Any] = contextlib.nullcontext, world: World = World()):
-    """One optimizer step over the micro-`batches`; returns (summed loss, target tokens, grad norm)
-    as device tensors (no host sync here: the caller reads them only when it logs)."""
-    local_targets = sum(int((b["labels"] != -100).sum()) for b in batches)  # host tensors: no device sync
+               autocast: Callable[[], Any] = contextlib.nullcontext, world: World = World(),
+               local_targets: int | None = None, host_reads: bool | None = None):
+    """One optimizer step over the micro-`batches`; returns (summed loss, target tokens, grad norm,
+    finite) as device tensors (the caller reads them only when it logs). `finite` is False when the
+    loss or the gradient norm is NaN or infinite: the update is then skipped (weights and optimizer
+    state unchanged). `host_reads` (default: on CPU only, where reading a tensor costs no device sync)
+    allows reading device values; without it the step never waits for the device, and a
+    non-finite step is skipped by the optimizer itself where it can (see masked_step)."""
+    if host_reads is None:
+        host_reads = torch.device(device).type == "cpu"
+    if local_targets is None:
+        local_targets = count_targets(batches)
     if local_targets == 0 and not world.distributed:
         raise T5ForgeError("every target token of an optimizer step is padding (-100); check the data")
-    n_targets = all_reduce_sum(torch.tensor(float(local_targets), device=device), world)
+    n_targets = step_targets(local_targets, device, world)
     loss_sum = torch.zeros((), device=device)
     for i, batch in enumerate(batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in MODEL_INPUTS}
@@ -95,26 +118,53 @@ def train_step(model, optimizer, batches: list[dict], lr: float, *, grad_clip: f
         loss_sum += out.loss.detach()
     set_lr(optimizer, lr)
     params = [p for p in unwrap_model(model).parameters() if p.grad is not None]
-    grad_norm = clip_gradients(params, grad_clip)
-    optimizer.step()
+    loss_sum = all_reduce_sum(loss_sum, world)
+    grad_norm = clip_gradients(params, grad_clip, host_reads=host_reads)
+    # The gradient norm is the same on every rank (DDP averaged the gradients), the loss all-reduced:
+    # every rank takes the same decision.
+    finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
+    if host_reads:
+        if bool(finite):
+            optimizer.step()
+    else:
+        masked_step(optimizer, finite)
     optimizer.zero_grad(set_to_none=True)
-    return all_reduce_sum(loss_sum, world), n_targets, grad_norm
+    return loss_sum, n_targets, grad_norm, finite
 
 
-def clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+def masked_step(optimizer, finite: torch.Tensor) -> None:
+    """optimizer.step() that leaves everything unchanged when `finite` is False. torch's fused AdamW
+    takes the flag as an attribute, AdamWScale as an argument (both skip on the device and keep their
+    step counts right); any other optimizer needs the flag on the host: one read of a 0-d tensor."""
+    if getattr(optimizer, "accepts_found_inf", False):
+        optimizer.step(found_inf=(~finite).float())
+    elif isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~finite).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif bool(finite):
+        optimizer.step()
+
+
+def clip_gradients(params: list[torch.Tensor], max_norm: float, host_reads: bool | None = None) -> torch.Tensor:
     """The gradients' total L2 norm (logged), after scaling them to at most max_norm when max_norm > 0:
     what torch.nn.utils.clip_grad_norm_ returns and does. That function multiplies every gradient by
     min(1, max_norm / (norm + 1e-6)) even when the factor is 1, a pass over all gradients (20 ms per
     step at t5-v1.1-small on CPU); here the pass runs only when it changes something: never without
-    a limit (nanoT5's fine-tuning), and on CPU, where reading the norm costs no device sync, only
-    when the norm is over the limit."""
+    a limit (nanoT5's fine-tuning), and with `host_reads` (default: on CPU, where reading the norm
+    costs no device sync) only when the norm is over the limit."""
     norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
-    if max_norm > 0 and (norm.device.type != "cpu" or max_norm / (float(norm) + 1e-6) < 1.0):
+    if host_reads is None:
+        host_reads = norm.device.type == "cpu"
+    if max_norm > 0 and (not host_reads or max_norm / (float(norm) + 1e-6) < 1.0):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
 
 
 def save_checkpoint(parts: LoopParts, state: TrainState) -> None:
+    check_weights_finite(parts.model, state.step, parts.checkpointer.latest())
     parts.checkpointer.save(
         model=parts.model, tokenizer=parts.tokenizer, optimizer=parts.optimizer, train_state=state,
         data_state=parts.data_state(), config_text=parts.config_text, rng_state=rng.capture(),
@@ -136,6 +186,9 @@ def train(parts: LoopParts, state: TrainState) -> TrainState:
     window = {"loss": torch.zeros((), device=parts.device), "targets": torch.zeros((), device=parts.device),
               "steps": 0, "tokens": 0, "seconds": 0.0}
     first_step_of_process = True
+    skipped = NonfiniteSteps(parts.device, cfg.optim.max_nonfinite_steps)
+    host_reads = parts.device.type == "cpu"
+    collapse_warned = False
     last_eval = last_ckpt = -1
 
     # stop_at_step ends this process early (a checkpoint, no final evaluation); the schedule still
@@ -151,39 +204,43 @@ def train(parts: LoopParts, state: TrainState) -> TrainState:
             stopwatch.start()
         batches = [next(parts.train_batches) for _ in range(plan.grad_acc)]
         tokens = sum(count_tokens(b) for b in batches)
-        loss_sum, n_targets, grad_norm = train_step(
+        loss_sum, n_targets, grad_norm, finite = train_step(
             parts.model, parts.optimizer, batches, lr, grad_clip=cfg.optim.grad_clip, device=parts.device,
-            autocast=parts.autocast, world=parts.world,
+            autocast=parts.autocast, world=parts.world, host_reads=host_reads,
         )
+        skipped.update(finite)
         stopwatch.pause()
         first_step_of_process = False
 
         state.step += 1
         state.tokens_seen += tokens * parts.world.world_size
         state.examples_seen += plan.batch_size
-        window["loss"] += loss_sum
-        window["targets"] += n_targets
+        # Skipped steps stay out of the logged loss (it would be NaN until the next log).
+        window["loss"] += torch.where(finite, loss_sum, 0.0)
+        window["targets"] += finite * n_targets
         window["steps"] += 1
         window["tokens"] += tokens * parts.world.world_size
         window["seconds"] += time.perf_counter() - t0
         parts.logger.advance(state.step)
 
         if state.step % every_log == 0 or state.step == stop_at or plan.should_stop(state.step, stopwatch.elapsed):
-            loss = (window["loss"] / window["targets"]).item()  # the one host sync per log
-            if not math.isfinite(loss):
-                raise T5ForgeError(
-                    f"the training loss became {loss} at step {state.step}; lower optim.base_lr or check "
-                    f"the data, then resume from the last checkpoint ({parts.checkpointer.latest()})"
-                )
+            skipped_steps = skipped.check(state.step, parts.checkpointer.latest())
+            loss = (window["loss"] / window["targets"]).item()  # the host reads of a log step
+            norm = float(grad_norm)
+            if not collapse_warned:
+                collapse_warned = warn_if_collapsed(loss, norm, unwrap_model(parts.model).config.vocab_size, state.step)
             seconds = window["seconds"] / window["steps"]
             parts.logger.log_train(
-                state.step, loss=loss, grad_norm=float(grad_norm), lr=lr, seconds_per_step=seconds,
+                state.step, loss=loss, grad_norm=norm, lr=lr, seconds_per_step=seconds,
                 tokens_per_s=window["tokens"] / window["seconds"],
                 mfu=estimate_mfu(parts.flops_per_step, seconds, (parts.peak_flops or 0) * parts.world.world_size),
-                elapsed_train_seconds=stopwatch.elapsed,
+                elapsed_train_seconds=stopwatch.elapsed, skipped_steps=skipped_steps,
             )
             window.update(loss=torch.zeros((), device=parts.device), targets=torch.zeros((), device=parts.device),
                           steps=0, tokens=0, seconds=0.0)
+
+        elif host_reads and not bool(finite):  # free on CPU: stop as soon as the limit is reached
+            skipped.check(state.step, parts.checkpointer.latest())
 
         state.elapsed_train_seconds = stopwatch.elapsed
         state.elapsed_wall_seconds = time.perf_counter() - wall_start
@@ -191,6 +248,7 @@ def train(parts: LoopParts, state: TrainState) -> TrainState:
             run_evaluation(parts, state)
             last_eval = state.step
         if state.step % every_ckpt == 0:
+            skipped.check(state.step, parts.checkpointer.latest())
             save_checkpoint(parts, state)
             last_ckpt = state.step
 
@@ -198,5 +256,6 @@ def train(parts: LoopParts, state: TrainState) -> TrainState:
         run_evaluation(parts, state)
     state.elapsed_wall_seconds = time.perf_counter() - wall_start
     if last_ckpt != state.step:
+        skipped.check(state.step, parts.checkpointer.latest())
         save_checkpoint(parts, state)
     return state

@@ -1,0 +1,79 @@
+"""Non-finite steps: counted on the device, read only at log and checkpoint steps.
+
+A step whose loss or gradient norm is NaN or infinite is skipped (train_step leaves weights and
+optimizer state as they were); `NonfiniteSteps` counts such steps, in all and in a row, as 0-d
+device tensors, so counting never waits for the device. After `optim.max_nonfinite_steps` in a
+row the run stops with an error naming the step and the last (finite) checkpoint, and no
+checkpoint is ever written from non-finite weights.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from t5forge.errors import T5ForgeError
+
+
+class NonfiniteSteps:
+    def __init__(self, device: torch.device, limit: int):
+        self.limit = limit
+        self.total = torch.zeros((), dtype=torch.long, device=device)
+        self.in_a_row = torch.zeros((), dtype=torch.long, device=device)
+
+    def update(self, finite: torch.Tensor) -> None:
+        bad = (~finite).long()
+        self.total += bad
+        self.in_a_row.mul_(bad).add_(bad)  # reset by a finite step
+
+    def read(self) -> tuple[int, int]:
+        """(skipped steps in all, in a row): a host read; call at log and checkpoint steps only."""
+        return int(self.total), int(self.in_a_row)
+
+    def check(self, step: int, last_checkpoint) -> int:
+        """Skipped steps in all; a T5ForgeError after `limit` non-finite steps in a row."""
+        total, in_a_row = self.read()
+        if in_a_row >= self.limit:
+            raise nonfinite_error(step, in_a_row, last_checkpoint)
+        return total
+
+
+def nonfinite_error(step: int, in_a_row: int, last_checkpoint) -> T5ForgeError:
+    where = (f"resume from the last checkpoint ({last_checkpoint}) with resume=auto" if last_checkpoint is not None
+             else "restart the run (it has no checkpoint yet)")
+    return T5ForgeError(
+        f"the training loss or gradients were NaN/inf for {in_a_row} step(s) in a row up to step {step} "
+        f"(optim.max_nonfinite_steps); lower optim.base_lr or check the data, then {where}"
+    )
+
+
+def check_weights_finite(model, step: int, last_checkpoint) -> None:
+    """Refuse to checkpoint non-finite weights (one host read, at checkpoint time)."""
+    from t5forge.model.load import first_nonfinite
+
+    bad = first_nonfinite(model)
+    if bad is not None:
+        where = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint is not None
+                 else "the run has no checkpoint yet")
+        raise T5ForgeError(
+            f"weight {bad!r} is NaN/inf at step {step}: not writing a checkpoint from it; {where}; "
+            "lower optim.base_lr or check the data"
+        )
+
+
+def collapsed(loss: float, grad_norm: float, vocab_size: int) -> bool:
+    """True for a run that learns nothing: every gradient zero and the loss at ln(vocab), the
+    cross-entropy of uniform predictions (e.g. weights collapsed to zero)."""
+    return grad_norm == 0.0 and abs(loss - math.log(vocab_size)) < 1e-3 * math.log(vocab_size)
+
+
+def warn_if_collapsed(loss: float, grad_norm: float, vocab_size: int, step: int) -> bool:
+    if not collapsed(loss, grad_norm, vocab_size):
+        return False
+    warnings.warn(
+        f"step {step}: every gradient is zero and the loss is ln(vocab) = {math.log(vocab_size):.3f} "
+        "(uniform predictions): the model has collapsed and cannot learn; check model.checkpoint_path's weights"
+    )
+    return True
