@@ -30,6 +30,7 @@ from t5forge.train.checkpoint import Checkpointer, unwrap_model
 from t5forge.train.distributed import World, all_reduce_sum
 from t5forge.train.metrics_log import MetricsLogger, estimate_mfu
 from t5forge.train.nonfinite import NonfiniteSteps, check_weights_finite, warn_if_collapsed
+from t5forge.train.setup import compiles
 from t5forge.train.state import TrainState
 from t5forge.train.timing import Stopwatch
 
@@ -199,7 +200,7 @@ def train(parts: LoopParts, state: TrainState) -> TrainState:
         lr = parts.lr_at(plan.schedule_step(state.step, stopwatch.elapsed))
         t0 = time.perf_counter()
         # The first step of a compiled model is mostly compilation: keep it off the budget clock.
-        warmup = first_step_of_process and cfg.model.compile
+        warmup = first_step_of_process and compiles(cfg.model, parts.device)
         if not warmup:
             stopwatch.start()
         batches = [next(parts.train_batches) for _ in range(plan.grad_acc)]
