@@ -56,12 +56,12 @@ def build_loader(cfg: RunConfig, plan, tokenizer, world, split: str):
 def check_held_out(loader, cfg: RunConfig) -> None:
     """Read one held-out batch now: a validation file too small for a batch, or unreadable, fails at
     start-up instead of at the first evaluation (which may come only after the last step)."""
+    where = ", ".join(cfg.data.validation_files) or f"{cfg.data.dataset} (validation split)"
     try:
         next(iter(loader))
-    except T5ForgeError:
-        raise
+    except T5ForgeError as err:
+        raise T5ForgeError(f"held-out data {where}: {err}") from None
     except Exception as err:  # noqa: BLE001 (decoding errors of any kind: name the files)
-        where = ", ".join(cfg.data.validation_files) or f"{cfg.data.dataset} (validation split)"
         raise T5ForgeError(f"held-out data {where}: cannot read one batch ({type(err).__name__}: {err}); "
                            "fix or replace data.validation_files") from None
 
