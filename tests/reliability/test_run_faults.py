@@ -29,10 +29,12 @@ def checkpoints(run_dir):
 
 
 def start_and_signal(args, run_dir, sig, min_step=2, timeout=120):
-    """Start `t5forge *args`, wait until metrics.jsonl shows a train record at min_step or later,
-    send `sig`; returns (exit code, stdout, stderr)."""
+    """Start `t5forge *args` in its own process group, wait until metrics.jsonl shows a train record
+    at min_step or later, send `sig` to the whole group (as Ctrl-C or a scheduler does: the data
+    loader workers get it too); returns (exit code, stdout, stderr)."""
     proc = subprocess.Popen([sys.executable, "-m", "t5forge", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
@@ -41,30 +43,48 @@ def start_and_signal(args, run_dir, sig, min_step=2, timeout=120):
             break
         time.sleep(0.02)
     assert proc.poll() is None, f"the run ended before the signal\n{proc.communicate()[1][-3000:]}"
-    proc.send_signal(sig)
+    os.killpg(proc.pid, sig)
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
-def test_signal_saves_a_checkpoint_and_resume_is_exact(sig, tmp_path, tiny_pretrain_args, run_t5forge, read_metrics):
-    extra = ("optim.total_steps=40", "eval.every_steps=1000", "checkpoint.every_steps=1000", "data.num_workers=2")
-    straight, cut = tmp_path / "straight", tmp_path / "cut"
-    run_t5forge(*tiny_pretrain_args(straight, *extra), check=0)
+SIGNAL_RUN = ("optim.total_steps=40", "eval.every_steps=1000", "checkpoint.every_steps=1000", "data.num_workers=2")
 
-    code, _, err = start_and_signal(tiny_pretrain_args(cut, *extra), cut, sig)
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+    """The metrics history of the signal tests' run, uninterrupted (run once for all signals)."""
+
+    run = tmp_path_factory.mktemp("straight")
+    c4 = data_dir / "c4-sample"
+    argv = ["pretrain", "task=pt_tiny", f"out_dir={run}", f"data.tokenizer={data_dir / 't5-spiece' / 'spiece.model'}",
+            f"data.train_files=[{c4 / 'c4-en.train-00000-first1000.json.gz'}]",
+            f"data.validation_files=[{c4 / 'c4-en.olmo-sample-1000.json.gz'}]",
+            "eval.steps=1", "logging.every_steps=1", *SIGNAL_RUN]
+    done = subprocess.run([sys.executable, "-m", "t5forge", *argv], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=lambda s: s.name)
+def test_signal_saves_a_checkpoint_and_resume_is_exact(sig, tmp_path, tiny_pretrain_args, run_t5forge, read_metrics,
+                                                       uninterrupted):
+    cut = tmp_path / "cut"
+    code, _, err = start_and_signal(tiny_pretrain_args(cut, *SIGNAL_RUN), cut, sig)
     assert code == EXIT_STOPPED, err[-3000:]
     steps = [r["step"] for r in read_metrics(cut) if r["kind"] == "train"]
     stopped = steps[-1]
-    assert 2 <= stopped < 40
+    assert 2 <= stopped < 40 and steps == list(range(1, stopped + 1))
     line = err.strip().splitlines()[-1]
     ckpt = cut / "checkpoints" / f"step-{stopped:08d}"
     assert line == f"t5forge pretrain: stopped by {sig.name} at step {stopped}; checkpoint {ckpt}; continue with resume=auto"
+    assert "Traceback" not in err
     assert checkpoints(cut) == [ckpt.name]
 
-    done = run_t5forge(*tiny_pretrain_args(cut, *extra, "resume=auto"), check=0)
+    done = run_t5forge(*tiny_pretrain_args(cut, *SIGNAL_RUN, "resume=auto"), check=0)
     assert f"resumed from {ckpt} at step {stopped}" in done.stdout
-    assert history(read_metrics(cut)) == history(read_metrics(straight))
+    assert history(read_metrics(cut)) == history(uninterrupted)
 
 
 def test_second_ctrl_c_aborts_at_once(tmp_path, tiny_pretrain_args):

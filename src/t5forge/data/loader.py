@@ -22,6 +22,7 @@ import torch
 from t5forge.data.sources import TextSource, reader_slice
 from t5forge.data.span_corruption import SpanCorruption
 from t5forge.errors import T5ForgeError
+from t5forge.train.stop_signals import ignore_stop_signals
 
 DOCS_PER_ENCODE = 16  # documents tokenized per call: amortises the call, keeps the read-ahead small
 STATE_VERSION = 1
@@ -193,6 +194,9 @@ class PretrainLoader:
             loader = torch.utils.data.DataLoader(
                 dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                 prefetch_factor=2, generator=generator,
+                # A stop signal sent to the whole process group (Ctrl-C, SLURM's SIGTERM) is the main
+                # process's to handle (finish the step, save); workers dying first would break that.
+                worker_init_fn=ignore_stop_signals,
             )
             for local, batch, state in loader:
                 if batch is None:

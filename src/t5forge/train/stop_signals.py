@@ -39,3 +39,11 @@ class StopRequests:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A DataLoader `worker_init_fn`: workers ignore the stop signals, which reach the whole process
+    group (Ctrl-C, `scancel`), so the main process can finish its step and save; it ends the workers
+    afterwards, and they exit on their own when it dies."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
