@@ -8,7 +8,8 @@
 
 Non-finite numbers are written as null (strict JSON). Every line is flushed as written, so the file
 is current even if the run is killed. A resumed run keeps the lines up to its checkpoint's step and
-drops the later ones, so the history reads as one uninterrupted run.
+drops the later ones (and a last line cut short by a crash, with a warning), so the history reads
+as one uninterrupted run; `eval_record(step)` tells the loop which evaluations it already holds.
 """
 
 from __future__ import annotations
