@@ -30,7 +30,7 @@ import torch
 from t5forge.errors import RunStopped, T5ForgeError
 from t5forge.optim.schedules import set_lr
 from t5forge.train import rng
-from t5forge.train.checkpoint import Checkpointer, unwrap_model
+from t5forge.train.checkpoint import Checkpointer, checkpoint_step, unwrap_model
 from t5forge.train.distributed import World, all_reduce_sum
 from t5forge.train.metrics_log import MetricsLogger, estimate_mfu
 from t5forge.train.state import TrainState
@@ -175,9 +175,12 @@ def _train(parts: LoopParts, state: TrainState, stops: StopRequests) -> TrainSta
               "steps": 0, "tokens": 0, "seconds": 0.0}
     first_step_of_process = True
     last_eval = -1
-    # A resumed state comes from the checkpoint of its step: that step is on disk already.
-    last_ckpt = state.step if state.step > 0 else -1
+    # Resumed from this run's own checkpoint of this step: it is on disk already (resume=PATH may
+    # name another run's, which this run then saves in its own out_dir).
     saved_at: Path | None = parts.checkpointer.latest() if state.step > 0 else None
+    if saved_at is not None and checkpoint_step(saved_at) != state.step:
+        saved_at = None
+    last_ckpt = state.step if saved_at is not None else -1
     last_save_time = time.perf_counter()
 
     def save() -> Path:
