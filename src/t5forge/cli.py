@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from t5forge.errors import T5ForgeError
+from t5forge.errors import EXIT_ABORTED, RunStopped, T5ForgeError
 
 # name -> module; a command whose module is not there yet is simply not offered.
 COMMANDS = {
@@ -57,12 +57,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
+    except RunStopped as err:
+        print(f"t5forge {args.command}: {err}", file=sys.stderr)
+        return err.exit_code
     except T5ForgeError as err:
         print(f"t5forge {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"t5forge {args.command}: interrupted", file=sys.stderr)
-        return 130
+        print(f"t5forge {args.command}: interrupted; nothing was saved since the last checkpoint", file=sys.stderr)
+        return EXIT_ABORTED
+
 
 
 if __name__ == "__main__":

@@ -125,6 +125,8 @@ class EvalConfig:
 class CheckpointConfig:
     every_steps: int = _key(100000, "save every N optimizer steps (and at the end)")
     keep_last: int = _key(3, "checkpoints kept on disk (0 = all)")
+    every_minutes: float = _key(0.0, "also save when this many minutes of wall clock have passed since the "
+                                "last save, so a crash costs at most that much (0 = off)")
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,8 @@ class RunConfig:
     precision: str = _key("bf16", "bf16 (autocast, fp32 weights) | fp32")
     device: str = _key("auto", "auto | cpu | cuda | cuda:N")
     out_dir: str = _key("", "run directory ('' = runs/<command>-<date>-<time>)")
-    resume: str = _key("false", "false | auto (newest checkpoint in out_dir) | a checkpoint path")
+    resume: str = _key("false", "false | auto (newest checkpoint in out_dir, a fresh start when none; needs an "
+                       "explicit out_dir) | a checkpoint path")
     stop_at_step: int = _key(0, "end this process after this step with a checkpoint (the schedule still spans "
                              "the whole run; resume=auto continues it); 0 = run to the end")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -412,6 +415,12 @@ def with_run_dir(cfg: RunConfig, command: str) -> RunConfig:
     names the directory the run really writes."""
     if cfg.out_dir:
         return cfg
+    if cfg.resume == "auto":
+        # A generated name differs at every launch: a relaunch would never find its checkpoints.
+        raise T5ForgeError(
+            "resume=auto needs out_dir=DIR: without it every launch makes a new timestamped run "
+            "directory, so a relaunch would start from scratch instead of resuming"
+        )
     import os
     import time
 
@@ -513,6 +522,7 @@ def validate(cfg: RunConfig) -> None:
     _at_least("eval.steps", cfg.eval.steps, 0)
     _at_least("checkpoint.every_steps", cfg.checkpoint.every_steps, 1)
     _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 0)
+    _at_least("checkpoint.every_minutes", cfg.checkpoint.every_minutes, 0.0)
     _at_least("logging.every_steps", cfg.logging.every_steps, 1)
 
     f = cfg.finetune

@@ -128,6 +128,7 @@ def test_section_given_a_value(tmp_path):
     (["task=nope"], "presets: pt"),
     (["optim.base_lr"], "KEY=VALUE"),
     (["+optim.new=1"], "KEY=VALUE"),
+    (["checkpoint.every_minutes=-1"], "checkpoint.every_minutes"),
 ])
 def test_invalid_values_are_named(items, message):
     with pytest.raises(T5ForgeError, match=message.replace(".", r"\.").replace("(", r"\(")):

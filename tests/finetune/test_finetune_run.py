@@ -123,3 +123,19 @@ def test_default_preset_is_ft(capsys):
     assert main(["finetune", "--print-config", "optim.base_lr=1e-3"]) == 0
     text = capsys.readouterr().out
     assert "mode: ft" in text and "epochs: 2" in text and "base_lr: 0.001" in text
+
+
+def test_relaunching_a_finished_run_adds_nothing(tmp_path, tiny_model_dir, sni_dir, capsys):
+    common = ["finetune.max_num_instances_per_task=3", "optim.total_steps=-1", "optim.epochs=1",
+              "eval.every_steps=100", "eval.steps=1", "checkpoint.every_steps=100", "finetune.max_target_len=8"]
+    run = tmp_path / "run"
+    finetune(run, tiny_model_dir, sni_dir, *common)
+    before = records(run)
+    assert [(r["step"], r["kind"]) for r in before][-1] == (3, "eval")  # the final evaluation, after the checkpoint
+    capsys.readouterr()
+    finetune(run, tiny_model_dir, sni_dir, *common, "resume=auto")
+    out = capsys.readouterr().out
+    assert f"resumed from {run / 'checkpoints' / 'step-00000003'} at step 3" in out
+    assert records(run) == before  # no second eval record for step 3
+    assert f"best eval loss {before[-1]['eval_loss']:.4f} at step 3" in out
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000003"]

@@ -4,6 +4,7 @@ the loss is normalised over all ranks' target tokens -- so losses and weights ag
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -47,3 +48,55 @@ def test_two_ranks_equal_one_process_with_accumulation(tmp_path, data_dir):
     wa, wb = load_file(ddp / final), load_file(single / final)
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)
+
+
+def _rank_pids(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of torchrun's worker processes (read from /proc)."""
+    from pathlib import Path
+
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = dict(item.split("=", 1) for item in (proc / "environ").read_text().split("\0") if "=" in item)
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == launcher_pid and "RANK" in env:
+            found[int(env["RANK"])] = int(proc.name)
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the ranks through /proc")
+def test_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, data_dir):
+    """SIGUSR1 to rank 1 alone: the ranks agree on the step, save one checkpoint there, exit 75 each."""
+    import time
+
+    from t5forge.errors import EXIT_STOPPED
+
+    run_dir = tmp_path / "ddp"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "t5forge",
+            *common(run_dir, data_dir), "optim.total_steps=200", "logging.every_steps=1", "data.num_workers=0"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and not (
+            metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    ranks = _rank_pids(proc.pid)
+    assert sorted(ranks) == [0, 1] and proc.poll() is None
+    os.kill(ranks[1], signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    train_steps = [r["step"] for r in map(json.loads, metrics.read_text().splitlines()) if r["kind"] == "train"]
+    stopped = train_steps[-1]
+    assert stopped < 200, err[-3000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step-{stopped:08d}"]
+    # Rank 0 prints the line naming rank 1's signal as "a signal to another process".
+    assert (f"stopped by a signal to another process at step {stopped}; checkpoint "
+            f"{run_dir / 'checkpoints' / f'step-{stopped:08d}'}; continue with resume=auto") in err
+    assert f"stopped by SIGUSR1 at step {stopped}" in err
+    # torchrun itself exits 1 when a worker exits non-zero; its report lists the code of the rank that
+    # exited first (it then sends SIGTERM to the others, which have saved by then: the barrier above).
+    assert proc.returncode != 0 and f"exitcode  : {EXIT_STOPPED} " in err, err[-3000:]

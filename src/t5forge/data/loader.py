@@ -40,6 +40,7 @@ import torch
 from t5forge.data.sources import TextSource, fingerprint_difference, reader_slice
 from t5forge.data.span_corruption import SpanCorruption
 from t5forge.errors import T5ForgeError
+from t5forge.train.stop_signals import ignore_stop_signals
 
 DOCS_PER_ENCODE = 16  # documents tokenized per call: amortises the call, keeps the read-ahead small
 STATE_VERSION = 2
@@ -200,6 +201,12 @@ class _WorkerDataset(torch.utils.data.IterableDataset):
             yield local, None, str(err)
 
 
+def init_worker(parent_pid: int, worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn` of the pre-training loader."""
+    die_with_parent(parent_pid)
+    ignore_stop_signals()
+
+
 def die_with_parent(parent_pid: int, worker_id: int = 0) -> None:
     """DataLoader `worker_init_fn`: the kernel kills this worker with SIGKILL when its parent dies.
 
@@ -289,7 +296,9 @@ class PretrainLoader:
             loader = torch.utils.data.DataLoader(
                 dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                 prefetch_factor=2, generator=generator,
-                worker_init_fn=functools.partial(die_with_parent, os.getpid()),
+                # Workers die with the trainer (kill -9, OOM), and leave the stop signals sent to the
+                # whole process group (Ctrl-C, scancel) to it, so it can finish its step and save.
+                worker_init_fn=functools.partial(init_worker, os.getpid()),
             )
             for local, batch, state in loader:
                 if batch is None:

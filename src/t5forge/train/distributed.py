@@ -49,6 +49,24 @@ def all_reduce_sum(t: torch.Tensor, world: World) -> torch.Tensor:
     return t
 
 
+_HOST_GROUP = None
+
+
+def host_max(flags: list[float], world: World) -> list[float]:
+    """The ranks' maximum of each host-side value (stop requests, clock-due saves).
+
+    Reduced through a gloo group on the CPU, so under NCCL the host never waits for the GPU's queue
+    (a device tensor would need a host read of the result every step)."""
+    global _HOST_GROUP
+    if not world.distributed:
+        return list(flags)
+    if _HOST_GROUP is None:  # every rank reaches its first call at the same step
+        _HOST_GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    t = torch.tensor(flags, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_HOST_GROUP)
+    return t.tolist()
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
@@ -64,5 +82,7 @@ def wrap_ddp(model: torch.nn.Module, world: World, device: torch.device) -> torc
 
 
 def shutdown(world: World) -> None:
+    global _HOST_GROUP
+    _HOST_GROUP = None
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()

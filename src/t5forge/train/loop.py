@@ -6,8 +6,11 @@ all ranks), so long and short targets weigh by their tokens, as if the step were
 nanoT5 averages per micro-batch instead, which biases towards short targets when lengths vary.
 
 After each step three hooks run: log (every `logging.every_steps`), evaluate (every
-`eval.every_steps`) and checkpoint (every `checkpoint.every_steps`); the run ends when the plan
-says so (steps done, or `optim.time_budget` spent), with a final evaluation and checkpoint.
+`eval.every_steps`) and checkpoint (every `checkpoint.every_steps`, and every
+`checkpoint.every_minutes` of wall clock); the run ends when the plan says so (steps done, or
+`optim.time_budget` spent) with a final checkpoint and then a final evaluation, so a failing
+evaluation never costs the trained weights. SIGTERM / SIGINT / SIGUSR1 end the run after the
+current step with a checkpoint (RunStopped, exit code 75).
 The time budget counts training steps only: compile warm-up, evaluation and checkpoint writing
 run with the stopwatch paused.
 """
@@ -19,19 +22,21 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 
-from t5forge.errors import T5ForgeError
+from t5forge.errors import RunStopped, T5ForgeError
 from t5forge.optim.schedules import set_lr
 from t5forge.train import rng
-from t5forge.train.checkpoint import Checkpointer, unwrap_model
-from t5forge.train.distributed import World, all_reduce_sum
+from t5forge.train.checkpoint import Checkpointer, checkpoint_step, unwrap_model
+from t5forge.train.distributed import World, all_reduce_sum, host_max
 from t5forge.train.metrics_log import MetricsLogger, estimate_mfu
 from t5forge.train.nonfinite import NonfiniteSteps, check_weights_finite, warn_if_collapsed
 from t5forge.train.setup import compiles
 from t5forge.train.state import TrainState
+from t5forge.train.stop_signals import StopRequests
 from t5forge.train.timing import Stopwatch
 
 log = logging.getLogger(__name__)
@@ -164,9 +169,9 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float, host_reads: bool
     return norm
 
 
-def save_checkpoint(parts: LoopParts, state: TrainState) -> None:
+def save_checkpoint(parts: LoopParts, state: TrainState) -> Path:
     check_weights_finite(parts.model, state.step, parts.checkpointer.latest())
-    parts.checkpointer.save(
+    return parts.checkpointer.save(
         model=parts.model, tokenizer=parts.tokenizer, optimizer=parts.optimizer, train_state=state,
         data_state=parts.data_state(), config_text=parts.config_text, rng_state=rng.capture(),
     )
@@ -178,10 +183,39 @@ def run_evaluation(parts: LoopParts, state: TrainState) -> None:
     parts.logger.log_eval(state.step, **metrics, best=best)
 
 
+def _evaluate_or_explain(parts: LoopParts, state: TrainState, saved: Path | None, save: Callable[[], Path]) -> None:
+    """run_evaluation; when it fails, make sure the weights of this step are on disk (`saved`, or
+    a checkpoint written now) and say so in the error."""
+    try:
+        run_evaluation(parts, state)
+    except Exception as err:  # noqa: BLE001 (any failure: the trained weights must not be lost)
+        if saved is None:
+            saved = save()
+        reason = str(err) if isinstance(err, T5ForgeError) else f"{type(err).__name__}: {err}"
+        raise T5ForgeError(
+            f"the evaluation at step {state.step} failed: {reason}; the weights of step {state.step} are saved in "
+            f"{saved}; fix the held-out data and relaunch with resume=auto (it runs the missing evaluation, "
+            f"then continues)"
+        ) from err
+
+
+def _agree(flags: list[float], parts: LoopParts) -> list[bool]:
+    """The ranks' maximum of each flag (identity in a single process), so every rank takes the same branch."""
+    return [bool(v) for v in host_max(flags, parts.world)]
+
+
 def train(parts: LoopParts, state: TrainState) -> TrainState:
-    """Run optimizer steps until the plan says stop; returns the final train state."""
+    """Run optimizer steps until the plan says stop; returns the final train state.
+
+    Raises RunStopped after a checkpoint when SIGTERM / SIGINT / SIGUSR1 arrives (see stop_signals)."""
+    with StopRequests() as stops:
+        return _train(parts, state, stops)
+
+
+def _train(parts: LoopParts, state: TrainState, stops: StopRequests) -> TrainState:
     cfg, plan = parts.cfg, parts.plan
     every_log, every_eval, every_ckpt = cfg.logging.every_steps, cfg.eval.every_steps, cfg.checkpoint.every_steps
+    every_seconds = cfg.checkpoint.every_minutes * 60
     stopwatch = Stopwatch(initial=state.elapsed_train_seconds)
     wall_start = time.perf_counter() - state.elapsed_wall_seconds
     window = {"loss": torch.zeros((), device=parts.device), "targets": torch.zeros((), device=parts.device),
@@ -190,11 +224,42 @@ def train(parts: LoopParts, state: TrainState) -> TrainState:
     skipped = NonfiniteSteps(parts.device, cfg.optim.max_nonfinite_steps)
     host_reads = parts.device.type == "cpu"
     collapse_warned = False
-    last_eval = last_ckpt = -1
+    last_eval = -1
+    # Resumed from this run's own checkpoint of this step: it is on disk already (resume=PATH may
+    # name another run's, which this run then saves in its own out_dir).
+    saved_at: Path | None = parts.checkpointer.latest() if state.step > 0 else None
+    if saved_at is not None and checkpoint_step(saved_at) != state.step:
+        saved_at = None
+    last_ckpt = state.step if saved_at is not None else -1
+    last_save_time = time.perf_counter()
+
+    def save() -> Path:
+        nonlocal last_ckpt, last_save_time, saved_at
+        skipped.check(state.step, parts.checkpointer.latest())  # never save after too many bad steps
+        state.elapsed_wall_seconds = time.perf_counter() - wall_start
+        saved_at = save_checkpoint(parts, state)
+        last_ckpt, last_save_time = state.step, time.perf_counter()
+        return saved_at
 
     # stop_at_step ends this process early (a checkpoint, no final evaluation); the schedule still
     # spans the whole run and resume=auto continues it, as a preemptible job would.
     stop_at = cfg.stop_at_step if cfg.stop_at_step > 0 else None
+
+    if parts.evaluate is not None and state.step > 0 and state.step != stop_at:
+        # Resumed at step N, whose checkpoint is written before its evaluation when N is the last
+        # step. If metrics.jsonl (rank 0's) has N's eval record, it counts for best_eval and is not
+        # repeated; if not (the run stopped during that evaluation, or a crash cut the record), the
+        # evaluation runs now (a finished run's, after the loop below).
+        record = parts.logger.eval_record(state.step)
+        if record is not None and record.get("eval_loss") is not None:
+            state.update_best(record["eval_loss"])
+        (have,) = _agree([float(record is not None)], parts)
+        if have:
+            last_eval = state.step
+        elif state.step % every_eval == 0 and not plan.should_stop(state.step, stopwatch.elapsed):
+            _evaluate_or_explain(parts, state, saved_at, save)
+            last_eval = state.step
+
     parts.model.train()
     while not plan.should_stop(state.step, stopwatch.elapsed) and state.step != stop_at:
         lr = parts.lr_at(plan.schedule_step(state.step, stopwatch.elapsed))
@@ -224,7 +289,13 @@ def train(parts: LoopParts, state: TrainState) -> TrainState:
         window["seconds"] += time.perf_counter() - t0
         parts.logger.advance(state.step)
 
-        if state.step % every_log == 0 or state.step == stop_at or plan.should_stop(state.step, stopwatch.elapsed):
+        # Every rank stops (or saves on the clock) at the same step: rank 0's clock decides the
+        # time-based saves, any rank's signal the stop.
+        time_due = every_seconds > 0 and parts.world.is_main and time.perf_counter() - last_save_time >= every_seconds
+        stop_now, save_now = _agree([float(stops.signal_name is not None), float(time_due)], parts)
+        finished = plan.should_stop(state.step, stopwatch.elapsed)
+
+        if (state.step % every_log == 0 or state.step == stop_at or stop_now or finished):
             skipped_steps = skipped.check(state.step, parts.checkpointer.latest())
             loss = (window["loss"] / window["targets"]).item()  # the host reads of a log step
             norm = float(grad_norm)
@@ -245,18 +316,20 @@ def train(parts: LoopParts, state: TrainState) -> TrainState:
 
         state.elapsed_train_seconds = stopwatch.elapsed
         state.elapsed_wall_seconds = time.perf_counter() - wall_start
-        if parts.evaluate is not None and state.step % every_eval == 0:
-            run_evaluation(parts, state)
+        # The final evaluation runs after the final checkpoint (below): a failure there keeps the weights.
+        if parts.evaluate is not None and state.step % every_eval == 0 and not finished:
+            _evaluate_or_explain(parts, state, None, save)
             last_eval = state.step
-        if state.step % every_ckpt == 0:
-            skipped.check(state.step, parts.checkpointer.latest())
-            save_checkpoint(parts, state)
-            last_ckpt = state.step
+        if state.step % every_ckpt == 0 or save_now or (stop_now and last_ckpt != state.step):
+            save()
+        if stop_now:
+            who = stops.signal_name or "a signal to another process"
+            raise RunStopped(f"stopped by {who} at step {state.step}; checkpoint {saved_at}; "
+                             f"continue with resume=auto")
 
-    if parts.evaluate is not None and last_eval != state.step and state.step != stop_at:
-        run_evaluation(parts, state)
-    state.elapsed_wall_seconds = time.perf_counter() - wall_start
     if last_ckpt != state.step:
-        skipped.check(state.step, parts.checkpointer.latest())
-        save_checkpoint(parts, state)
+        save()
+    if parts.evaluate is not None and last_eval != state.step and state.step != stop_at:
+        _evaluate_or_explain(parts, state, saved_at, save)
+    state.elapsed_wall_seconds = time.perf_counter() - wall_start
     return state

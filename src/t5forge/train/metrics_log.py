@@ -8,7 +8,8 @@
 
 Non-finite numbers are written as null (strict JSON). Every line is flushed as written, so the file
 is current even if the run is killed. A resumed run keeps the lines up to its checkpoint's step and
-drops the later ones, so the history reads as one uninterrupted run.
+drops the later ones (and a last line cut short by a crash, with a warning), so the history reads
+as one uninterrupted run; `eval_record(step)` tells the loop which evaluations it already holds.
 """
 
 from __future__ import annotations
@@ -100,13 +101,17 @@ class MetricsLogger:
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS_FILE
         self._file = self._writer = self._bar = None
+        self._evals: dict[int, dict] = {}  # step -> eval record kept from the history
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             self.path.write_text("")
         else:
+            # Also repairs a last line cut short by a crash (dropped with a warning).
             truncate_metrics(self.path, resume_step)
+            if self.path.exists():
+                self._evals = {r["step"]: r for r in read_metrics(self.path) if r.get("kind") == "eval"}
         self._file = open(self.path, "a")
         if tensorboard:
             try:
@@ -141,11 +146,17 @@ class MetricsLogger:
         self._show(record)
         return record
 
+    def eval_record(self, step: int) -> dict | None:
+        """The eval record of `step` in this history (kept on resume or written since), else None."""
+        return self._evals.get(int(step))
+
     def log_train(self, step: int, **metrics: Any) -> dict:
         return self.log("train", step, **metrics)
 
     def log_eval(self, step: int, **metrics: Any) -> dict:
-        return self.log("eval", step, **metrics)
+        record = self.log("eval", step, **metrics)
+        self._evals[int(step)] = record
+        return record
 
     def advance(self, step: int) -> None:
         """Move the progress bar to `step` (cheap; call every step for a smooth ETA)."""

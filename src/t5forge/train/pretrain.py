@@ -54,6 +54,19 @@ def build_loader(cfg: RunConfig, plan, tokenizer, world, split: str):
     )
 
 
+def check_held_out(loader, cfg: RunConfig) -> None:
+    """Read one held-out batch now: a validation file too small for a batch, or unreadable, fails at
+    start-up instead of at the first evaluation (which may come only after the last step)."""
+    where = ", ".join(cfg.data.validation_files) or f"{cfg.data.dataset} (validation split)"
+    try:
+        next(iter(loader))
+    except T5ForgeError as err:
+        raise T5ForgeError(f"held-out data {where}: {err}") from None
+    except Exception as err:  # noqa: BLE001 (decoding errors of any kind: name the files)
+        raise T5ForgeError(f"held-out data {where}: cannot read one batch ({type(err).__name__}: {err}); "
+                           "fix or replace data.validation_files") from None
+
+
 def held_out_evaluator(cfg: RunConfig, loader, model, device, autocast, world):
     """step -> {eval_loss, eval_accuracy, ...} over the first `eval.steps` held-out batches; rank r
     of W takes batches r, r + W, ... and the sums are all-reduced."""
@@ -83,6 +96,8 @@ def _run(cfg: RunConfig, world) -> int:
     # Data before the model: a wrong path fails in seconds, not after initialising 248M parameters.
     train_loader = build_loader(cfg, plan, tokenizer, world, "train")
     eval_loader = build_loader(cfg, plan, tokenizer, world, "validation") if cfg.eval.steps > 0 else None
+    if eval_loader is not None:
+        check_held_out(eval_loader, cfg)
     rng.seed_all(cfg.seed)  # same initial weights on every rank
     model = build_model(cfg, tokenizer, device)
     optimizer = build_optimizer(model, cfg.optim)

@@ -122,6 +122,8 @@ def open_run_dir(cfg: RunConfig):
     from t5forge.train.checkpoint import latest, resolve_resume
 
     run_dir = Path(cfg.out_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise T5ForgeError(f"out_dir={cfg.out_dir} is a file, not a directory; give a directory for the run")
     resume_from = resolve_resume(cfg.resume, run_dir)
     if resume_from is None and latest(run_dir) is not None:
         raise T5ForgeError(
@@ -147,7 +149,8 @@ def resume_or_seed(resume_from, cfg: RunConfig, model, optimizer, loader, world)
     )
     loader.load_state_dict(data_state)
     rng.restore(rng_state)
-    log.info("resumed from %s at step %d", resume_from, state.step)
+    if world.is_main:
+        print(f"resumed from {resume_from} at step {state.step}", flush=True)
     return state
 
 
