@@ -138,11 +138,14 @@ def resolve_model_config(cfg: RunConfig):
     `config.json` or a t5forge `model_config.json`. A run that starts from model.checkpoint_path
     takes the architecture from the checkpoint instead.
     """
-    from t5forge.model.config import T5Config
+    from t5forge.model.config import KNOWN_NAMES, T5Config
 
     m = cfg.model
     path = Path(m.name).expanduser()
-    if path.is_dir():
+    # A built-in name always means the built-in architecture; a folder of that name in the working
+    # directory is taken only when written as a path (./tiny).
+    builtin = m.name.removeprefix("google-t5/") in KNOWN_NAMES and not m.name.startswith((".", "/", "~"))
+    if path.is_dir() and not builtin:
         for file_name in ("model_config.json", "config.json"):
             if (path / file_name).is_file():
                 base = T5Config.from_json_file(path / file_name)

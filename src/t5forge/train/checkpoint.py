@@ -13,7 +13,12 @@ Layout (one directory per saved step, everything needed to continue the run exac
 A checkpoint is written under `step-NNNNNNNN.tmp/`, every file is fsync'd, and only then is the
 directory renamed: a directory without the `.tmp` suffix is complete, and a `.tmp` left by a crash
 is never resumed from (it is deleted the next time a Checkpointer starts or saves). Older complete
-checkpoints beyond `keep_last` are deleted only after the new one is complete.
+checkpoints beyond `keep_last` are deleted only after the new one is complete. The last file written
+is `manifest.json` (sizes and checksums, checkpoint_files.py): resume=auto skips a checkpoint whose
+files do not match it, with a warning, and takes the newest intact one. Saving a step that already
+exists moves the old copy to `step-NNNNNNNN.old` (still a complete checkpoint of that step, used
+when the new one never appeared) so no crash point leaves fewer complete checkpoints. Only the
+process holding the run directory's lock (run_lock.py) removes or renames anything.
 
 Distributed runs: every rank calls `save`; the per-rank RNG and data-loader states are gathered to
 rank 0, which alone writes, then all ranks meet at a barrier. The model is saved from rank 0's
@@ -37,13 +42,16 @@ import torch
 from t5forge.errors import T5ForgeError
 from t5forge.model.load import save_model_dir
 from t5forge.model.load import unwrap as unwrap_model  # strips DDP / torch.compile wrappers
-from t5forge.train import rng
+from t5forge.train import rng, run_lock
+from t5forge.train.checkpoint_files import MANIFEST, bytes_needed, check_free_space, disk_full_error, problem, write_manifest
 from t5forge.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
+# The previous copy of a step while that step is saved again; complete, so resumable.
+SWAPPED_DIR = re.compile(r"^step-(\d{8,})\.old$")
 PARTIAL_DIR = re.compile(r"^step-\d{8,}.*\.tmp$")
 # model.safetensors and model_config.json come from the model directory contract (model.load).
 REQUIRED_FILES = (
@@ -67,34 +75,53 @@ def missing_files(path: str | Path) -> list[str]:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest step first."""
+    """Complete checkpoints of a run, oldest step first (`step-N.old` only when `step-N` is absent)."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = []
+    found: dict[int, Path] = {}
     for child in root.iterdir():
-        match = STEP_DIR.match(child.name)
+        match = STEP_DIR.match(child.name) or SWAPPED_DIR.match(child.name)
         if match and child.is_dir():
-            found.append((int(match.group(1)), child))
-    return [path for _, path in sorted(found)]
+            step = int(match.group(1))
+            if step not in found or STEP_DIR.match(child.name):
+                found[step] = child
+    return [found[step] for step in sorted(found)]
 
 
 def checkpoint_step(path: str | Path) -> int:
-    match = STEP_DIR.match(Path(path).name)
+    match = STEP_DIR.match(Path(path).name) or SWAPPED_DIR.match(Path(path).name)
     if not match:
         raise T5ForgeError(f"{path} is not a checkpoint directory (expected a name like step-00001000)")
     return int(match.group(1))
 
 
-def latest(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None when there is none."""
+def damage(path: str | Path, checksums: bool = False) -> str | None:
+    """What is wrong with a complete checkpoint's files (sizes; with `checksums`, contents), or None."""
+    return problem(Path(path), REQUIRED_FILES, checksums)
+
+
+def latest(run_dir: str | Path, checksums: bool = False) -> Path | None:
+    """The newest intact checkpoint of a run, or None; damaged newer ones are skipped with a warning."""
     for path in reversed(list_checkpoints(run_dir)):
-        missing = missing_files(path)
-        if not missing:
+        wrong = damage(path, checksums)
+        if wrong is None:
             return path
-        # Renamed, so written completely once; files went missing afterwards (by hand?).
-        warnings.warn(f"skipping checkpoint {path}: it lacks {', '.join(missing)}")
+        # Renamed, so written completely once; damaged afterwards (by hand, by the disk). Left in
+        # place for a look; the next save of that step, or a save before it, replaces it.
+        msg = f"skipping damaged checkpoint {path}: {wrong}; falling back to the previous one"
+        warnings.warn(msg)
+        log.warning(msg)
     return None
+
+
+def _warn_newer(found: Path) -> None:
+    newer = [p.name for p in list_checkpoints(found.parent.parent) if checkpoint_step(p) > checkpoint_step(found)]
+    if newer:
+        msg = (f"resuming from {found.name}: the newer checkpoints {', '.join(newer)} belong to the history this "
+               "run replaces and are deleted at its first save (copy them elsewhere now to keep them)")
+        warnings.warn(msg)
+        log.warning(msg)
 
 
 def resolve_resume(resume: str | bool | None, run_dir: str | Path) -> Path | None:
@@ -107,7 +134,7 @@ def resolve_resume(resume: str | bool | None, run_dir: str | Path) -> Path | Non
     if resume is None or resume is False or (isinstance(resume, str) and resume.strip().lower() in ("false", "")):
         return None
     if resume is True or (isinstance(resume, str) and resume.strip().lower() == "auto"):
-        return latest(run_dir)
+        return latest(run_dir, checksums=True)
     path = Path(str(resume)).expanduser()
     if not path.exists():
         raise T5ForgeError(f"resume={resume}: no such file or directory; use resume=auto, resume=false or a checkpoint path")
@@ -118,13 +145,20 @@ def resolve_resume(resume: str | bool | None, run_dir: str | Path) -> Path | Non
             f"resume={resume}: this checkpoint was still being written when its run stopped (.tmp); "
             f"resume from a complete one, e.g. resume=auto"
         )
-    if STEP_DIR.match(path.name):
+    if STEP_DIR.match(path.name) or SWAPPED_DIR.match(path.name):
         missing = missing_files(path)
         if missing:
             raise T5ForgeError(f"resume={resume}: incomplete checkpoint, it lacks {', '.join(missing)}")
+        wrong = damage(path, checksums=True)
+        if wrong:
+            raise T5ForgeError(
+                f"resume={resume}: this checkpoint is damaged ({wrong}); resume from another one, "
+                "e.g. resume=auto (the newest intact checkpoint)"
+            )
+        _warn_newer(path)
         return path
     if (path / CHECKPOINTS).is_dir():
-        found = latest(path)
+        found = latest(path, checksums=True)
         if found is None:
             raise T5ForgeError(f"resume={resume}: this run directory has no complete checkpoint under {CHECKPOINTS}/")
         return found
@@ -171,6 +205,7 @@ class Checkpointer:
         self.rank = getattr(world, "rank", 0)
         self.world_size = getattr(world, "world_size", 1)
         if self.rank == 0:
+            run_lock.acquire(self.run_dir)  # nothing is removed or renamed without it
             self.remove_partial()
 
     # Collectives; no-ops in a single process. Kept as methods so another launcher can override.
@@ -187,10 +222,18 @@ class Checkpointer:
         return out
 
     def remove_partial(self) -> list[Path]:
-        """Delete `.tmp` directories left by a save that did not finish."""
+        """Delete `.tmp` directories left by a save that did not finish; settle an unfinished swap."""
         removed = []
         if self.root.is_dir():
-            for child in self.root.iterdir():
+            for child in sorted(self.root.iterdir()):
+                match = SWAPPED_DIR.match(child.name)
+                if match and child.is_dir():
+                    current = self.root / step_dir_name(int(match.group(1)))
+                    if current.is_dir():  # the new copy was published: the old one is surplus
+                        shutil.rmtree(child)
+                    else:  # the new copy never appeared: the old one is that step again
+                        log.warning("restoring checkpoint %s (a re-save of that step was interrupted)", current)
+                        os.rename(child, current)
                 if PARTIAL_DIR.match(child.name) and child.is_dir():
                     log.warning("removing incomplete checkpoint %s (a save was interrupted)", child)
                     shutil.rmtree(child)
@@ -222,24 +265,39 @@ class Checkpointer:
 
     def _write(self, final, model, tokenizer, optimizer, train_state, rng_states, data_states, config_text) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        run_lock.acquire(self.run_dir)
         self.remove_partial()
         tmp = final.with_name(final.name + ".tmp")
+        needed = bytes_needed(unwrap_model(model), optimizer)
+        check_free_space(self.root, needed)
         tmp.mkdir()
-        save_model_dir(unwrap_model(model), tokenizer, tmp)
-        torch.save(
-            {"optimizer_class": type(optimizer).__name__, "state_dict": optimizer.state_dict()},
-            tmp / "optimizer.pt",
-        )
-        torch.save({"world_size": self.world_size, "ranks": rng_states}, tmp / "rng.pt")
-        torch.save({"world_size": self.world_size, "ranks": data_states}, tmp / "data.pt")
-        (tmp / "config.yaml").write_text(config_text)
-        train_state.save(tmp / "train_state.json")
-        _fsync_tree(tmp)
+        try:
+            save_model_dir(unwrap_model(model), tokenizer, tmp)
+            torch.save(
+                {"optimizer_class": type(optimizer).__name__, "state_dict": optimizer.state_dict()},
+                tmp / "optimizer.pt",
+            )
+            torch.save({"world_size": self.world_size, "ranks": rng_states}, tmp / "rng.pt")
+            torch.save({"world_size": self.world_size, "ranks": data_states}, tmp / "data.pt")
+            (tmp / "config.yaml").write_text(config_text)
+            train_state.save(tmp / "train_state.json")
+            write_manifest(tmp)  # last: a manifest vouches for every file before it
+            _fsync_tree(tmp)
+        except Exception as err:
+            clear = disk_full_error(err, self.root, needed)
+            if clear is None:
+                raise  # not the disk: the .tmp stays for a look and is removed by the next start
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise clear from None
         if final.exists():
-            # The same step saved again (e.g. a final save right after resuming): swap it out.
-            old = final.with_name(final.name + ".old.tmp")
+            # The same step saved again (e.g. a final save right after resuming): the old copy
+            # stays a resumable checkpoint (`.old`) until the new one is published.
+            old = final.with_name(final.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
             os.rename(final, old)
             os.rename(tmp, final)
+            _fsync_dir(self.root)
             shutil.rmtree(old)
         else:
             os.rename(tmp, final)
@@ -252,8 +310,16 @@ class Checkpointer:
         # from an older checkpoint); left in place, resume=auto would jump back to them.
         newer = [p for p in complete if checkpoint_step(p) > current_step]
         kept = [p for p in complete if checkpoint_step(p) <= current_step]
-        old = kept[: -self.keep_last] if self.keep_last is not None else []
-        for path in newer + old:
+        # keep_last counts intact checkpoints only, so a damaged one never costs the last good one.
+        intact = [p for p in kept if damage(p) is None]
+        old = intact[: -self.keep_last] if self.keep_last is not None else []
+        if old:
+            old += [p for p in kept if p not in intact and checkpoint_step(p) < checkpoint_step(old[-1])]
+        for path in newer:
+            log.warning("removing checkpoint %s: it is newer than step %d, which this run resumed before", path,
+                        current_step)
+            shutil.rmtree(path)
+        for path in old:
             log.info("removing checkpoint %s", path)
             shutil.rmtree(path)
 
@@ -319,6 +385,20 @@ def load_model_weights(path: str | Path, model: torch.nn.Module, map_location=No
     target.load_state_dict(tensors, strict=True)
 
 
+def _read(file: Path, read):
+    """`read()` with any library error (truncated pickle, bad safetensors header, bad JSON) as one line."""
+    try:
+        return read()
+    except T5ForgeError:
+        raise
+    except Exception as err:
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise T5ForgeError(
+            f"{file} is unreadable ({type(err).__name__}: {first[:200]}); the checkpoint is damaged: "
+            "resume from another one (resume=auto skips damaged checkpoints that have a manifest.json)"
+        ) from None
+
+
 def _rank_entry(file: Path, payload: Any, rank: int, world_size: int) -> Any:
     if not isinstance(payload, dict) or "ranks" not in payload:
         raise T5ForgeError(f"{file} is not a t5forge checkpoint file")
@@ -353,9 +433,10 @@ def load(
     if map_location is None:
         first = next(unwrap_model(model).parameters(), None)
         map_location = first.device if first is not None else "cpu"
-    load_model_weights(path, model, map_location=map_location)
+    _read(path / "model.safetensors", lambda: load_model_weights(path, model, map_location=map_location))
     if optimizer is not None:
-        saved = torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True)
+        saved = _read(path / "optimizer.pt",
+                      lambda: torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True))
         if saved["optimizer_class"] != type(optimizer).__name__:
             raise T5ForgeError(
                 f"{path / 'optimizer.pt'} holds {saved['optimizer_class']} state but this run uses "
@@ -365,9 +446,10 @@ def load(
             optimizer.load_state_dict(saved["state_dict"])
         except ValueError as err:
             raise T5ForgeError(f"{path / 'optimizer.pt'} does not fit this optimizer: {err}") from None
-    train_state = TrainState.load(path / "train_state.json")
+    train_state = _read(path / "train_state.json", lambda: TrainState.load(path / "train_state.json"))
     # Our own pickles from our own run; the loader state may hold arbitrary Python objects.
     rng_file, data_file = path / "rng.pt", path / "data.pt"
-    rng_state = _rank_entry(rng_file, torch.load(rng_file, weights_only=True), rank, world_size)
-    data_state = _rank_entry(data_file, torch.load(data_file, weights_only=False), rank, world_size)
+    rng_state = _rank_entry(rng_file, _read(rng_file, lambda: torch.load(rng_file, weights_only=True)), rank, world_size)
+    data_state = _rank_entry(data_file, _read(data_file, lambda: torch.load(data_file, weights_only=False)), rank,
+                             world_size)
     return train_state, rng_state, data_state

@@ -119,11 +119,13 @@ def open_run_dir(cfg: RunConfig):
     """(run_dir, checkpoint to resume from or None); refuses to start afresh over existing checkpoints."""
     from pathlib import Path
 
+    from t5forge.train import run_lock
     from t5forge.train.checkpoint import latest, resolve_resume
 
     run_dir = Path(cfg.out_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise T5ForgeError(f"out_dir={cfg.out_dir} is a file, not a directory; give a directory for the run")
+    run_lock.acquire_for_rank(run_dir)  # one writer per run directory, before anything there is read or removed
     resume_from = resolve_resume(cfg.resume, run_dir)
     if resume_from is None and latest(run_dir) is not None:
         raise T5ForgeError(
