@@ -112,6 +112,10 @@ class OptimConfig:
     grad_acc: int = _key(1, "micro-steps per optimizer step (per rank)")
     max_nonfinite_steps: int = _key(8, "stop after this many optimizer steps in a row with a NaN/inf loss or "
                                     "gradient (each is skipped: no update)")
+    on_nonfinite: str = _key("rollback", "after optim.max_nonfinite_steps bad steps in a row: 'rollback' to the last "
+                             "checkpoint with the learning rate times optim.rollback_lr_factor, or 'stop'")
+    rollback_lr_factor: float = _key(0.5, "each rollback multiplies the learning rate by this, in (0, 1]")
+    max_rollbacks: int = _key(3, "stop instead of rolling back once this many rollbacks were done")
     time_budget: str = _key("", "training-time budget (4h, 90m, 1h30m); drives the schedule; '' = none")
 
 
@@ -516,6 +520,11 @@ def validate(cfg: RunConfig) -> None:
     _at_least("optim.weight_decay", o.weight_decay, 0.0)
     _at_least("optim.grad_clip", o.grad_clip, 0.0)
     _at_least("optim.max_nonfinite_steps", o.max_nonfinite_steps, 1)
+    if o.on_nonfinite not in ("rollback", "stop"):
+        raise T5ForgeError(f"optim.on_nonfinite must be 'rollback' or 'stop', got {o.on_nonfinite!r}")
+    if not 0.0 < o.rollback_lr_factor <= 1.0:
+        raise T5ForgeError(f"optim.rollback_lr_factor must be in (0, 1], got {o.rollback_lr_factor}")
+    _at_least("optim.max_rollbacks", o.max_rollbacks, 0)
     time_budget_seconds(cfg)  # raises on a malformed duration
 
     _at_least("eval.every_steps", cfg.eval.every_steps, 1)

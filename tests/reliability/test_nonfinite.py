@@ -39,7 +39,7 @@ def test_diverged_run_stops_without_a_nonfinite_checkpoint(tmp_path, run_t5forge
     out = tmp_path / "run"
     # lr 1e30 on the constant schedule: the first update overflows the weights, and every later step is NaN.
     done = run_t5forge(*tiny_pretrain_args(out, "optim.base_lr=1e30", "optim.lr_scheduler=constant",
-                                           "optim.final_cosine=0", "optim.max_nonfinite_steps=2",
+                                           "optim.final_cosine=0", "optim.max_nonfinite_steps=2", "optim.on_nonfinite=stop",
                                            "checkpoint.every_steps=1"))
     assert done.returncode != 0
     err = done.stderr.strip().splitlines()[-1]
@@ -137,3 +137,49 @@ def test_no_checkpoint_is_written_from_nonfinite_weights(tmp_path):
         check_weights_finite(model, 3, None)
     with pytest.raises(T5ForgeError, match="last good checkpoint is run/checkpoints/step-00000002"):
         check_weights_finite(model, 3, "run/checkpoints/step-00000002")
+
+
+# lr 1e6 after 4 warm-up steps: steps 1-3 stay finite (checkpoint at step 2), step 4 is NaN/inf.
+DIVERGING = ("optim.total_steps=8", "optim.base_lr=1e6", "optim.lr_scheduler=constant", "optim.warmup_steps=4",
+             "optim.max_nonfinite_steps=1", "checkpoint.every_steps=2", "eval.every_steps=100")
+
+
+def test_a_diverged_run_rolls_back_with_a_lower_lr_and_finishes(tmp_path, run_t5forge, tiny_pretrain_args, read_metrics):
+    from t5forge.model.load import first_nonfinite, load_model
+    from t5forge.train.checkpoint import list_checkpoints
+    from t5forge.train.state import TrainState
+
+    out = tmp_path / "run"
+    done = run_t5forge(*tiny_pretrain_args(out, *DIVERGING, "optim.rollback_lr_factor=1e-30", "optim.max_rollbacks=1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (f"step 4: 1 non-finite steps in a row; rolled back to checkpoint {out / 'checkpoints' / 'step-00000002'} "
+            "(step 2), learning rate x1e-30 from now on (rollback 1 of 1)") in done.stdout
+    last = list_checkpoints(out)[-1]
+    model, _ = load_model(last)
+    assert first_nonfinite(model) is None
+    state = TrainState.load(last / "train_state.json")
+    assert state.step == 8 and state.nonfinite_restarts == 1 and state.lr_factor == 1e-30
+    records = read_metrics(out)
+    (rollback,) = [r for r in records if r["kind"] == "rollback"]
+    assert rollback["step"] == 4 and rollback["to_step"] == 2
+    after = [r for r in records[records.index(rollback):] if r["kind"] == "train"]
+    assert [r["step"] for r in after] == [3, 4, 5, 6, 7, 8] and all(r["lr"] < 1e-20 for r in after)
+
+
+def test_rollbacks_exhausted_or_off_stop_with_a_clear_error(tmp_path, run_t5forge, tiny_pretrain_args):
+    for extra, key in (("optim.max_rollbacks=0", "optim.max_rollbacks"), ("optim.on_nonfinite=stop", "optim.max_nonfinite_steps")):
+        done = run_t5forge(*tiny_pretrain_args(tmp_path / key, *DIVERGING, extra))
+        assert done.returncode != 0 and "Traceback" not in done.stderr
+        err = done.stderr.strip().splitlines()[-1]
+        assert "NaN/inf" in err and key in err and "step-00000002" in err
+
+
+def test_a_resume_after_a_rollback_keeps_the_lower_lr(tmp_path, run_t5forge, tiny_pretrain_args, read_metrics):
+    out = tmp_path / "run"
+    args = (*DIVERGING, "optim.rollback_lr_factor=1e-30")
+    first = run_t5forge(*tiny_pretrain_args(out, *args, "stop_at_step=6"))
+    assert first.returncode == 0 and "rolled back" in first.stdout, first.stderr[-2000:]
+    second = run_t5forge(*tiny_pretrain_args(out, *args, "resume=auto"))
+    assert second.returncode == 0 and "rolled back" not in second.stdout, second.stderr[-2000:]
+    resumed = [r for r in read_metrics(out) if r["kind"] == "train" and r["step"] > 6]
+    assert [r["step"] for r in resumed] == [7, 8] and all(r["lr"] < 1e-20 for r in resumed)

@@ -232,7 +232,8 @@ def _run(cfg: RunConfig, world) -> int:
     parts = LoopParts(
         cfg=cfg, plan=plan, model=training_model(model, cfg, world, device), tokenizer=tokenizer,
         optimizer=optimizer, lr_at=lr_at,
-        train_batches=_track_epochs(train_loader, state), data_state=train_loader.state_dict, evaluate=evaluate,
+        train_batches=_track_epochs(train_loader, state), data_state=train_loader.state_dict,
+        restart_data=lambda position: (train_loader.load_state_dict(position), _track_epochs(train_loader, state))[1], evaluate=evaluate,
         checkpointer=Checkpointer(run_dir, keep_last=cfg.checkpoint.keep_last or None, world=world),
         logger=logger, world=world, device=device, autocast=autocast, config_text=config_to_yaml(cfg),
         # Padded lengths vary per batch: a FLOPs count from the maximum lengths would overstate MFU.

@@ -33,7 +33,7 @@ from t5forge.train import rng
 from t5forge.train.checkpoint import Checkpointer, checkpoint_step, unwrap_model
 from t5forge.train.distributed import World, all_reduce_sum, host_max
 from t5forge.train.metrics_log import MetricsLogger, estimate_mfu
-from t5forge.train.nonfinite import NonfiniteSteps, check_weights_finite, warn_if_collapsed
+from t5forge.train.nonfinite import NonfiniteSteps, roll_back_if_due, check_weights_finite, warn_if_collapsed
 from t5forge.train.setup import compiles
 from t5forge.train.state import TrainState
 from t5forge.train.stop_signals import StopRequests
@@ -66,6 +66,8 @@ class LoopParts:
     config_text: str
     flops_per_step: float | None = None  # global training FLOPs per optimizer step (for MFU)
     peak_flops: float | None = None  # one device's peak FLOP/s in the run's precision
+    # data_state -> a fresh iterator of micro-batches from that position (for a rollback)
+    restart_data: Callable[[Any], Iterable[dict]] | None = None
 
 
 def count_tokens(batch: dict) -> int:
@@ -262,7 +264,7 @@ def _train(parts: LoopParts, state: TrainState, stops: StopRequests) -> TrainSta
 
     parts.model.train()
     while not plan.should_stop(state.step, stopwatch.elapsed) and state.step != stop_at:
-        lr = parts.lr_at(plan.schedule_step(state.step, stopwatch.elapsed))
+        lr = parts.lr_at(plan.schedule_step(state.step, stopwatch.elapsed)) * state.lr_factor
         t0 = time.perf_counter()
         # The first step of a compiled model is mostly compilation: keep it off the budget clock.
         warmup = first_step_of_process and compiles(cfg.model, parts.device)
@@ -295,7 +297,14 @@ def _train(parts: LoopParts, state: TrainState, stops: StopRequests) -> TrainSta
         stop_now, save_now = _agree([float(stops.signal_name is not None), float(time_due)], parts)
         finished = plan.should_stop(state.step, stopwatch.elapsed)
 
-        if (state.step % every_log == 0 or state.step == stop_at or stop_now or finished):
+        log_now = state.step % every_log == 0 or state.step == stop_at or stop_now or finished
+        if ((log_now or state.step % every_ckpt == 0 or save_now or (host_reads and not bool(finite)))
+                and (back := roll_back_if_due(parts, state, skipped)) is not None):
+            last_ckpt, saved_at, last_save_time, last_eval = state.step, back, time.perf_counter(), state.step
+            window.update(loss=torch.zeros((), device=parts.device), targets=torch.zeros((), device=parts.device),
+                          steps=0, tokens=0, seconds=0.0)
+            continue
+        if log_now:
             skipped_steps = skipped.check(state.step, parts.checkpointer.latest())
             loss = (window["loss"] / window["targets"]).item()  # the host reads of a log step
             norm = float(grad_norm)

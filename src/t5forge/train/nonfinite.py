@@ -3,7 +3,8 @@
 A step whose loss or gradient norm is NaN or infinite is skipped (train_step leaves weights and
 optimizer state as they were); `NonfiniteSteps` counts such steps, in all and in a row, as 0-d
 device tensors, so counting never waits for the device. After `optim.max_nonfinite_steps` in a
-row the run stops with an error naming the step and the last (finite) checkpoint, and no
+row the run rolls back to the newest checkpoint with a lowered learning rate (roll_back_if_due), or
+stops with an error naming the step and the last (finite) checkpoint (optim.on_nonfinite); no
 checkpoint is ever written from non-finite weights.
 """
 
@@ -77,3 +78,47 @@ def warn_if_collapsed(loss: float, grad_norm: float, vocab_size: int, step: int)
         "(uniform predictions): the model has collapsed and cannot learn; check model.checkpoint_path's weights"
     )
     return True
+
+
+def roll_back_if_due(parts, state, skipped: NonfiniteSteps):
+    """After `limit` non-finite steps in a row (optim.on_nonfinite=rollback): restore this rank's
+    weights, optimizer state, data position and RNGs from the newest checkpoint, set `state` (in
+    place: other holders keep it) back to the checkpoint's counters with one more rollback and the
+    learning rate times optim.rollback_lr_factor, and return the checkpoint's path. None when under
+    the limit; a T5ForgeError with on_nonfinite=stop, without a checkpoint, or after
+    optim.max_rollbacks. Every rank reads the same counters (from all-reduced values), so all agree."""
+    import dataclasses
+
+    from t5forge.train import rng
+    from t5forge.train.checkpoint import load
+
+    _, in_a_row = skipped.read()
+    if in_a_row < skipped.limit:
+        return None
+    optim = parts.cfg.optim
+    latest = parts.checkpointer.latest()
+    if optim.on_nonfinite != "rollback" or latest is None:
+        raise nonfinite_error(state.step, in_a_row, latest)
+    if state.nonfinite_restarts >= optim.max_rollbacks:
+        raise T5ForgeError(
+            f"the training loss or gradients were NaN/inf for {in_a_row} step(s) in a row up to step {state.step} "
+            f"after {state.nonfinite_restarts} rollback(s) (optim.max_rollbacks); lower optim.base_lr or check "
+            f"the data, then resume from the last checkpoint ({latest}) with resume=auto"
+        )
+    step, restarts, factor = state.step, state.nonfinite_restarts + 1, state.lr_factor * optim.rollback_lr_factor
+    saved, rng_state, data_state = load(latest, parts.model, parts.optimizer,
+                                        rank=parts.world.rank, world_size=parts.world.world_size)
+    for f in dataclasses.fields(saved):
+        setattr(state, f.name, getattr(saved, f.name))
+    state.nonfinite_restarts, state.lr_factor = restarts, factor
+    parts.train_batches = parts.restart_data(data_state)
+    rng.restore(rng_state)
+    skipped.total.zero_()
+    skipped.in_a_row.zero_()
+    parts.logger.log("rollback", step, to_step=state.step, checkpoint=str(latest), in_a_row=in_a_row,
+                     lr_factor=factor, rollback=restarts)
+    if parts.world.is_main:
+        print(f"step {step}: {in_a_row} non-finite steps in a row; rolled back to checkpoint {latest} "
+              f"(step {state.step}), learning rate x{factor:g} from now on "
+              f"(rollback {restarts} of {optim.max_rollbacks})", flush=True)
+    return latest

@@ -32,6 +32,7 @@ class TrainState:
     best_eval_loss: float | None = None
     best_eval_step: int | None = None
     nonfinite_restarts: int = 0  # recoveries from the last checkpoint after a non-finite loss
+    lr_factor: float = 1.0  # multiplies the schedule's learning rate; lowered by each rollback
     extra: dict = field(default_factory=dict)  # JSON-able values a caller wants kept with the run
 
     def update_best(self, eval_loss: float) -> bool:
@@ -64,6 +65,8 @@ class TrainState:
             value = getattr(state, name)
             if not isinstance(value, int) or value < 0:
                 raise T5ForgeError(f"{source}: field {name!r} must be a non-negative integer, got {value!r}")
+        if not isinstance(state.lr_factor, (int, float)) or not 0.0 < state.lr_factor <= 1.0:
+            raise T5ForgeError(f"{source}: field 'lr_factor' must be a number in (0, 1], got {state.lr_factor!r}")
         return state
 
     def save(self, path: str | Path) -> None:
