@@ -130,13 +130,13 @@ def test_no_checkpoint_is_written_from_nonfinite_weights(tmp_path):
     from t5forge.train.nonfinite import check_weights_finite
 
     model = T5(T5Config.from_name("tiny", vocab_size=128))
-    check_weights_finite(model, 3, None)  # finite: nothing to say
+    check_weights_finite(model, 3, lambda: None)  # finite: nothing to say
     with torch.no_grad():
         model.shared.weight[0, 0] = float("nan")
     with pytest.raises(T5ForgeError, match=r"'shared.weight' is NaN/inf at step 3.*no checkpoint yet"):
-        check_weights_finite(model, 3, None)
+        check_weights_finite(model, 3, lambda: None)
     with pytest.raises(T5ForgeError, match="last good checkpoint is run/checkpoints/step-00000002"):
-        check_weights_finite(model, 3, "run/checkpoints/step-00000002")
+        check_weights_finite(model, 3, lambda: "run/checkpoints/step-00000002")
 
 
 # lr 1e6 after 4 warm-up steps: steps 1-3 stay finite (checkpoint at step 2), step 4 is NaN/inf.

@@ -172,7 +172,7 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float, host_reads: bool
 
 
 def save_checkpoint(parts: LoopParts, state: TrainState) -> Path:
-    check_weights_finite(parts.model, state.step, parts.checkpointer.latest())
+    check_weights_finite(parts.model, state.step, parts.checkpointer.latest)
     return parts.checkpointer.save(
         model=parts.model, tokenizer=parts.tokenizer, optimizer=parts.optimizer, train_state=state,
         data_state=parts.data_state(), config_text=parts.config_text, rng_state=rng.capture(),
@@ -237,7 +237,7 @@ def _train(parts: LoopParts, state: TrainState, stops: StopRequests) -> TrainSta
 
     def save() -> Path:
         nonlocal last_ckpt, last_save_time, saved_at
-        skipped.check(state.step, parts.checkpointer.latest())  # never save after too many bad steps
+        skipped.check(state.step, parts.checkpointer.latest)  # never save after too many bad steps
         state.elapsed_wall_seconds = time.perf_counter() - wall_start
         saved_at = save_checkpoint(parts, state)
         last_ckpt, last_save_time = state.step, time.perf_counter()
@@ -305,7 +305,7 @@ def _train(parts: LoopParts, state: TrainState, stops: StopRequests) -> TrainSta
                           steps=0, tokens=0, seconds=0.0)
             continue
         if log_now:
-            skipped_steps = skipped.check(state.step, parts.checkpointer.latest())
+            skipped_steps = skipped.check(state.step, parts.checkpointer.latest)
             loss = (window["loss"] / window["targets"]).item()  # the host reads of a log step
             norm = float(grad_norm)
             if not collapse_warned:
@@ -321,7 +321,7 @@ def _train(parts: LoopParts, state: TrainState, stops: StopRequests) -> TrainSta
                           steps=0, tokens=0, seconds=0.0)
 
         elif host_reads and not bool(finite):  # free on CPU: stop as soon as the limit is reached
-            skipped.check(state.step, parts.checkpointer.latest())
+            skipped.check(state.step, parts.checkpointer.latest)
 
         state.elapsed_train_seconds = stopwatch.elapsed
         state.elapsed_wall_seconds = time.perf_counter() - wall_start

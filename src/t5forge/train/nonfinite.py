@@ -34,10 +34,11 @@ class NonfiniteSteps:
         return int(self.total), int(self.in_a_row)
 
     def check(self, step: int, last_checkpoint) -> int:
-        """Skipped steps in all; a T5ForgeError after `limit` non-finite steps in a row."""
+        """Skipped steps in all; a T5ForgeError after `limit` non-finite steps in a row.
+        `last_checkpoint()` (it lists the run's checkpoints) is called only for that error's advice."""
         total, in_a_row = self.read()
         if in_a_row >= self.limit:
-            raise nonfinite_error(step, in_a_row, last_checkpoint)
+            raise nonfinite_error(step, in_a_row, last_checkpoint())
         return total
 
 
@@ -51,11 +52,13 @@ def nonfinite_error(step: int, in_a_row: int, last_checkpoint) -> T5ForgeError:
 
 
 def check_weights_finite(model, step: int, last_checkpoint) -> None:
-    """Refuse to checkpoint non-finite weights (one host read, at checkpoint time)."""
+    """Refuse to checkpoint non-finite weights (one host read, at checkpoint time); `last_checkpoint()`
+    is called only for the error's advice."""
     from t5forge.model.load import first_nonfinite
 
     bad = first_nonfinite(model)
     if bad is not None:
+        last_checkpoint = last_checkpoint()
         where = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint is not None
                  else "the run has no checkpoint yet")
         raise T5ForgeError(
