@@ -5,6 +5,7 @@ Key names follow nanoT5 wherever the meaning is the same (`optim.base_lr`, `opti
 reads like `python -m nanoT5.main task=pt_8h optim.base_lr=1e-2`.
 
     cfg = load_config(["task=pt_cpu", "optim.total_steps=500"])   # -> RunConfig (frozen)
+    cfg = with_run_dir(cfg, "pretrain")                           # out_dir named, local paths absolute
     save_config(cfg, "run/config.yaml")                           # reloads strictly: config=run/config.yaml
 
 Layering, later wins: defaults (nanoT5's default.yaml) < `base` < `task=NAME` preset < `config=PATH`
@@ -17,6 +18,7 @@ numbers (micro-batch, span-corruption lengths, steps from epochs or a time budge
 import dataclasses
 import difflib
 import functools
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -211,6 +213,14 @@ def _resolve(path: str, source: str):
     return cls, path
 
 
+def is_key(path: str) -> bool:
+    """Whether `path` (like optim.base_lr) is a config key."""
+    try:
+        return not _is_section(_resolve(path, "")[0])
+    except T5ForgeError:
+        return False
+
+
 def _unknown_key_message(path, part, cls, prefix, source) -> str:
     valid = list(_type_hints(cls))
     close = difflib.get_close_matches(part, valid, n=1)
@@ -252,21 +262,27 @@ def _yaml_scalar(value) -> str:
     return "''" if value == "" else str(value)
 
 
-def describe_keys() -> list[tuple[str, str, str, str]]:
-    """(key, type, default, help) for every leaf key, in schema order (for docs and `--help`)."""
+def describe_keys(cfg: Optional[RunConfig] = None) -> list[tuple[str, str, str, str]]:
+    """(key, type, value, help) for every leaf key, in schema order (for docs and `--list-keys`).
+
+    The value is the schema default, or `cfg`'s value when given (a preset's, a file's: what
+    `--list-keys task=pt_cpu` shows)."""
     rows = []
 
-    def walk(cls, prefix):
+    def walk(cls, prefix, values):
         hints = _type_hints(cls)
         for f in dataclasses.fields(cls):
             key = f"{prefix}{f.name}"
             if _is_section(hints[f.name]):
-                walk(hints[f.name], key + ".")
+                walk(hints[f.name], key + ".", getattr(values, f.name) if values is not None else None)
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((key, _describe_type(hints[f.name]), _yaml_scalar(default), f.metadata.get("help", "")))
+            if values is not None:
+                value = getattr(values, f.name)
+            else:
+                value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((key, _describe_type(hints[f.name]), _yaml_scalar(value), f.metadata.get("help", "")))
 
-    walk(RunConfig, "")
+    walk(RunConfig, "", cfg)
     return rows
 
 
@@ -411,33 +427,91 @@ def config_to_yaml(cfg: RunConfig) -> str:
     """The resolved config as YAML; `load_config(["config=FILE"])` gives back an equal RunConfig."""
     body = _omegaconf().to_yaml(_omegaconf().create(config_to_dict(cfg)), sort_keys=False)
     command = "pretrain" if cfg.mode == "pt" else "finetune"
-    return f"# t5forge run config (resolved). Reproduce: t5forge {command} config=THIS_FILE\n" + body
+    return (f"# t5forge run config (resolved). Reproduce: t5forge {command} config=THIS_FILE out_dir=NEW_DIR\n"
+            f"# Continue this run where its last checkpoint left it: t5forge {command} config=THIS_FILE resume=auto\n"
+            + body)
+
+
+# How one process runs, not what the run is: `stop_at_step=70` would otherwise make every relaunch
+# of the saved config stop at 70 again, and a saved `resume=PATH` would point at a stale checkpoint.
+PROCESS_KEYS = {"resume": "false", "stop_at_step": 0}
+
+
+def run_definition(cfg: RunConfig) -> RunConfig:
+    """`cfg` with the process instructions (resume, stop_at_step) at their neutral defaults: what the
+    run's config.yaml and every checkpoint's copy hold."""
+    return dataclasses.replace(cfg, **PROCESS_KEYS)
+
+
+def run_config_text(cfg: RunConfig) -> str:
+    """The text of a run's config.yaml (and of each checkpoint's copy)."""
+    return config_to_yaml(run_definition(cfg))
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _absolute_if_local(spec: str) -> str:
+    """A path that exists here made absolute; anything else (a Hub id, '') unchanged."""
+    return _absolute(spec) if spec and os.path.exists(os.path.expanduser(spec)) else spec
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """`cfg` with every local path absolute, so its saved config reruns from any directory.
+
+    Files, globs and out_dir are always local; data.tokenizer, model.checkpoint_path and model.name
+    can also be Hub ids, which stay as written (as do built-in architecture names: `tiny` means
+    the built-in model even when a folder of that name is here, see plan.resolve_model_config).
+    """
+    from t5forge.model.config import KNOWN_NAMES
+
+    m, d, f = cfg.model, cfg.data, cfg.finetune
+    files = lambda specs: [_absolute(s) for s in specs]  # noqa: E731
+    builtin = m.name.removeprefix("google-t5/") in KNOWN_NAMES and not m.name.startswith((".", "/", "~"))
+    return dataclasses.replace(
+        cfg,
+        out_dir=_absolute(cfg.out_dir) if cfg.out_dir else "",
+        model=dataclasses.replace(
+            m, checkpoint_path=_absolute_if_local(m.checkpoint_path),
+            name=m.name if builtin else _absolute_if_local(m.name),
+        ),
+        data=dataclasses.replace(
+            d, train_files=files(d.train_files), validation_files=files(d.validation_files),
+            tokenizer=_absolute_if_local(d.tokenizer),
+        ),
+        finetune=dataclasses.replace(
+            f, sni_dir=_absolute(f.sni_dir) if f.sni_dir else "", train_files=files(f.train_files),
+            validation_files=files(f.validation_files),
+        ),
+    )
 
 
 def with_run_dir(cfg: RunConfig, command: str) -> RunConfig:
-    """`cfg` with an empty `out_dir` named `runs/<command>-<date>-<time>`, so the saved config
-    names the directory the run really writes."""
+    """The config a run uses: an empty `out_dir` named `runs/<command>-<date>-<time>` and every local
+    path absolute (`absolute_paths`), so the saved config names the directory the run really writes
+    and reruns from any working directory."""
     if cfg.out_dir:
-        return cfg
+        return absolute_paths(cfg)
     if cfg.resume == "auto":
         # A generated name differs at every launch: a relaunch would never find its checkpoints.
         raise T5ForgeError(
             "resume=auto needs out_dir=DIR: without it every launch makes a new timestamped run "
             "directory, so a relaunch would start from scratch instead of resuming"
         )
-    import os
     import time
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Ranks would each pick their own timestamp: the run directory must be named up front.
         raise T5ForgeError("set out_dir=DIR when launching several processes (torchrun)")
-    return dataclasses.replace(cfg, out_dir=time.strftime(f"runs/{command}-%Y%m%d-%H%M%S"))
+    return absolute_paths(dataclasses.replace(cfg, out_dir=time.strftime(f"runs/{command}-%Y%m%d-%H%M%S")))
 
 
 def save_config(cfg: RunConfig, path) -> None:
+    """Write the run's definition (`run_config_text`): `config=PATH` reruns it, `resume=auto` continues it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(config_to_yaml(cfg))
+    path.write_text(run_config_text(cfg))
 
 
 # ---------------------------------------------------------------------------------- validation

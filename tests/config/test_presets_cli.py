@@ -103,15 +103,16 @@ def test_missing_trainer_is_a_clear_error(monkeypatch, capsys):
     assert rc == 2 and "training is not available" in err
 
 
-def test_pretrain_hands_the_resolved_config_to_the_trainer(monkeypatch, capsys):
+def test_pretrain_hands_the_resolved_config_to_the_trainer(monkeypatch, capsys, tmp_path):
     seen = []
     fake = types.ModuleType("t5forge.train.pretrain")
     fake.run_pretrain = lambda cfg: seen.append(cfg) or 0
     monkeypatch.setitem(sys.modules, "t5forge.train.pretrain", fake)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.chdir(tmp_path)
     assert cli.main(["pretrain", "task=pt_tiny", "optim.base_lr=3e-3"]) == 0
     (cfg,) = seen
-    assert cfg.optim.base_lr == 3e-3 and cfg.out_dir.startswith("runs/pretrain-")
+    assert cfg.optim.base_lr == 3e-3 and cfg.out_dir.startswith(f"{tmp_path}/runs/pretrain-")
     # Nothing else differs from what load_config gives.
     assert cfg.__class__(**{**cfg.__dict__, "out_dir": ""}) == load_config(["task=pt_tiny", "optim.base_lr=3e-3"])
     seen.clear()

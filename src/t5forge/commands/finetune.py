@@ -1,9 +1,10 @@
-"""`t5forge finetune [task=ft] [config=PATH] [a.b=value ...] [--print-config]`: seq2seq fine-tuning.
+"""`t5forge finetune [task=ft] [config=PATH] [a.b=value ...] [--print-config | --list-keys]`: fine-tuning.
 
 The items are resolved on top of the `ft` preset (nanoT5's Tk-Instruct fine-tuning on SNI) by
 `t5forge.config.load_config(argv, base="ft")`; a pre-training config (mode=pt) is refused.
-`--print-config` prints the resolved YAML and exits, otherwise the run goes to
-`t5forge.train.finetune.run_finetune(cfg)`. An empty `out_dir` becomes `runs/finetune-<date>-<time>`.
+`--print-config` prints the resolved YAML and `--list-keys` every key with its resolved value, and
+exit; otherwise the run goes to `t5forge.train.finetune.run_finetune(cfg)`. An empty `out_dir`
+becomes `runs/finetune-<date>-<time>`; local paths become absolute (`with_run_dir`).
 
     t5forge finetune model.checkpoint_path=runs/pt_cpu_c4 finetune.sni_dir=data/sni optim.base_lr=1e-3
 """
@@ -19,6 +20,9 @@ def add_arguments(parser) -> None:
         help="task=PRESET (default ft), config=FILE.yaml and overrides like model.checkpoint_path=RUN_DIR",
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    parser.add_argument("--list-keys", action="store_true",
+                        help="list every config key with its value (those of the ft preset, or of the task=, "
+                             "config= and overrides given) and exit")
 
 
 def _show_info_logs() -> None:
@@ -52,6 +56,12 @@ def run(args) -> int:
     cfg = load_config(args.items, base="ft")
     if cfg.mode != "ft":
         raise T5ForgeError(f"this config is for pre-training (mode={cfg.mode}); run it with `t5forge pretrain`")
+    if args.list_keys:
+        from t5forge.commands.pretrain import print_keys
+        from t5forge.config import describe_keys
+
+        print_keys(describe_keys(cfg))
+        return 0
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0

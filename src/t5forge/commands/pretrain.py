@@ -1,9 +1,10 @@
-"""`t5forge pretrain [task=NAME] [config=PATH] [a.b=value ...] [--print-config]`: span-corruption pre-training.
+"""`t5forge pretrain [task=NAME] [config=PATH] [a.b=value ...] [--print-config | --list-keys]`: pre-training.
 
 The items are resolved by `t5forge.config.load_config` (defaults < preset < file < overrides);
-`--print-config` prints the resolved YAML and exits, otherwise the run goes to
-`t5forge.train.pretrain.run_pretrain(cfg)`. An empty `out_dir` becomes `runs/pretrain-<date>-<time>`
-so that the saved config names the directory the run really wrote.
+`--print-config` prints the resolved YAML and `--list-keys` every key with its resolved value, and
+exit; otherwise the run goes to `t5forge.train.pretrain.run_pretrain(cfg)`. An empty `out_dir`
+becomes `runs/pretrain-<date>-<time>` and local paths become absolute (`with_run_dir`), so that the
+saved config names the directory the run really wrote and reruns from any working directory.
 """
 
 
@@ -17,7 +18,15 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("--list-tasks", action="store_true", help="list the presets (task=NAME) and exit")
-    parser.add_argument("--list-keys", action="store_true", help="list every config key with its default and exit")
+    parser.add_argument("--list-keys", action="store_true",
+                        help="list every config key with its value (the defaults, or those of the task=, config= "
+                             "and overrides given) and exit")
+
+
+def print_keys(rows) -> None:
+    """One line per key: name, value, help (also `t5forge finetune --list-keys`)."""
+    for key, kind, value, doc in rows:
+        print(f"{key:40s} {value:22s} {doc}")
 
 
 def run(args) -> int:
@@ -29,14 +38,13 @@ def run(args) -> int:
         for name, text in DESCRIPTIONS.items():
             print(f"{name:8s} {text}")
         return 0
-    if args.list_keys:
-        for key, kind, default, doc in describe_keys():
-            print(f"{key:40s} {default:22s} {doc}")
-        return 0
 
     cfg = load_config(args.items)
     if cfg.mode != "pt":
         raise T5ForgeError(f"this config is for fine-tuning (mode={cfg.mode}); run it with `t5forge finetune`")
+    if args.list_keys:
+        print_keys(describe_keys(cfg))
+        return 0
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0

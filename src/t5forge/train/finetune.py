@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from t5forge.config import RunConfig, config_to_yaml
+from t5forge.config import RunConfig, run_config_text
 from t5forge.errors import T5ForgeError
 from t5forge.train import rng
 from t5forge.train.checkpoint import Checkpointer
@@ -235,7 +235,7 @@ def _run(cfg: RunConfig, world) -> int:
         train_batches=_track_epochs(train_loader, state), data_state=train_loader.state_dict,
         restart_data=lambda position: (train_loader.load_state_dict(position), _track_epochs(train_loader, state))[1], evaluate=evaluate,
         checkpointer=Checkpointer(run_dir, keep_last=cfg.checkpoint.keep_last or None, world=world),
-        logger=logger, world=world, device=device, autocast=autocast, config_text=config_to_yaml(cfg),
+        logger=logger, world=world, device=device, autocast=autocast, config_text=run_config_text(cfg),
         # Padded lengths vary per batch: a FLOPs count from the maximum lengths would overstate MFU.
         flops_per_step=None, peak_flops=None,
     )

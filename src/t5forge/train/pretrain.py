@@ -14,7 +14,7 @@ import logging
 
 import torch
 
-from t5forge.config import RunConfig, config_to_yaml
+from t5forge.config import RunConfig, run_config_text
 from t5forge.errors import T5ForgeError
 from t5forge.train import rng
 from t5forge.train.checkpoint import Checkpointer
@@ -119,7 +119,7 @@ def _run(cfg: RunConfig, world) -> int:
         train_batches=iter(train_loader), data_state=train_loader.state_dict,
         restart_data=lambda position: (train_loader.load_state_dict(position), iter(train_loader))[1], evaluate=evaluate,
         checkpointer=Checkpointer(run_dir, keep_last=cfg.checkpoint.keep_last or None, world=world),
-        logger=logger, world=world, device=device, autocast=autocast, config_text=config_to_yaml(cfg),
+        logger=logger, world=world, device=device, autocast=autocast, config_text=run_config_text(cfg),
         flops_per_step=t5_flops_per_step(model.config, plan.batch_size, plan.input_length, plan.target_length),
         peak_flops=peak_flops(device, "bf16" if cfg.precision == "bf16" else "tf32"),
     )

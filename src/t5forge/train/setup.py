@@ -104,9 +104,12 @@ def build_model(cfg: RunConfig, tokenizer, device: torch.device) -> torch.nn.Mod
 
 
 def launch(cfg: RunConfig, run) -> int:
-    """Join the torchrun process group (if any), call `run(cfg, world)`, leave the group."""
+    """Join the torchrun process group (if any), call `run(cfg, world)`, leave the group.
+    Local paths are made absolute first, so the run and its saved config.yaml name the same files."""
+    from t5forge.config import absolute_paths
     from t5forge.train.distributed import init_world, shutdown
 
+    cfg = absolute_paths(cfg)
     on_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     world = init_world("cuda" if on_gpu else "cpu")
     try:
