@@ -66,6 +66,14 @@ def _takes_items(parser: argparse.ArgumentParser) -> bool:
     return False
 
 
+def _command_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser | None:
+    """The subcommand's parser that `args` came from, or None."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(getattr(args, "command", None))
+    return None
+
+
 def _flag_style_hint(unknown: list[str], argv: list[str]) -> str | None:
     """For `--optim.base_lr 1e-3` / `--optim.base_lr=1e-3`: the KEY=VALUE item meant, as one line."""
     from t5forge.config import is_key
@@ -83,7 +91,8 @@ def _flag_style_hint(unknown: list[str], argv: list[str]) -> str | None:
                 value = "VALUE"
         key = next((k for k in (name, name.replace("-", "_")) if k in ("task", "config") or is_key(k)), None)
         if key is None:
-            return f"unknown option {item}; config keys are written KEY=VALUE without dashes (t5forge pretrain --list-keys lists them)"
+            return (f"unknown option {item}; config keys are written KEY=VALUE without dashes "
+                    "(t5forge pretrain --list-keys lists them)")
         return f"{written!r}: config keys take no dashes; write {key}={value}"
     return None
 
@@ -121,14 +130,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"t5forge {args.command}: interrupted; nothing was saved since the last checkpoint", file=sys.stderr)
         return EXIT_ABORTED
 
-
-
-def _command_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser | None:
-    """The subcommand's parser that `args` came from, or None."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action.choices.get(getattr(args, "command", None))
-    return None
 
 
 if __name__ == "__main__":

@@ -176,9 +176,10 @@ class RunConfig:
     device: str = _key("auto", "auto | cpu | cuda | cuda:N")
     out_dir: str = _key("", "run directory ('' = runs/<command>-<date>-<time>)")
     resume: str = _key("false", "false | auto (newest checkpoint in out_dir, a fresh start when none; needs an "
-                       "explicit out_dir) | a checkpoint path")
+                       "explicit out_dir) | a checkpoint path; not saved in the run's config.yaml")
     stop_at_step: int = _key(0, "end this process after this step with a checkpoint (the schedule still spans "
-                             "the whole run; resume=auto continues it); 0 = run to the end")
+                             "the whole run; resume=auto continues it); 0 = run to the end; not saved in the "
+                             "run's config.yaml")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
