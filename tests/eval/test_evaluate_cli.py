@@ -210,6 +210,20 @@ def test_heldout_run_files_that_moved_are_one_clear_line(pt_run, tmp_path, capsy
     assert "\n" not in err and f"data.validation_files of {config}" in err and "give --heldout FILES" in err
 
 
+def test_heldout_batch_of_a_multi_process_run_is_one_ranks_micro_batch(pt_run, tmp_path, capsys):
+    import shutil
+
+    ckpt = tmp_path / "ddp" / "checkpoints" / "step-00000002"
+    shutil.copytree(pt_run / "checkpoints" / "step-00000002", ckpt)
+    data = torch.load(ckpt / "data.pt", weights_only=True)
+    # as a 2-process run writes it: batch 4 = 2 ranks x 2 micro-steps x 1
+    torch.save({"world_size": 2, "ranks": data["ranks"] * 2}, ckpt / "data.pt")
+    capsys.readouterr()
+    assert main(["evaluate", str(ckpt)]) == 0
+    stdout = capsys.readouterr().out
+    assert "batch size 1, seed 7" in stdout and "scored 3 batches (3 examples)" in stdout
+
+
 def test_sni_on_a_finetuning_checkpoint_uses_the_runs_prompts_and_lengths(tokenizer, model_dir, spiece_path,
                                                                          data_dir, tmp_path, capsys):
     from t5forge.config import load_config, save_config

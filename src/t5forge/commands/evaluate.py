@@ -145,7 +145,7 @@ def _generation_defaults(args, mode, settings) -> bool:
     if settings is None:
         where = f"{args.model_path} has no run config.yaml"
     elif ft is None:
-        where = f"{settings.source} is a pre-training run's"
+        where = f"{settings.source} is a pre-training run's config"
     else:
         where = f"{settings.source} sets none"
     if mode == "sni" and not args.sni:

@@ -9,6 +9,8 @@ since a run resumed with other settings writes a new run-level file.
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,8 +63,8 @@ def load_run_settings(model_dir: Path) -> RunSettings | None:
     try:
         cfg = load_config([f"config={path}"])
     except T5ForgeError as err:
-        raise T5ForgeError(f"{err}; the run's settings cannot be read back, give the evaluation options "
-                           f"explicitly or fix {path}") from None
+        raise T5ForgeError(f"{err} (the settings of the run that wrote {model_dir}, which evaluation "
+                           "defaults to)") from None
     return RunSettings(cfg=cfg, source=path, world_size=run_world_size(model_dir))
 
 
@@ -80,15 +82,14 @@ def heldout_config(settings: RunSettings | None, *, files, text_field, input_len
     built from, with every option that is not None replacing the run's value. Without a run, the
     defaults are RunConfig's (nanoT5's): 512-token inputs, density 0.15, spans of 3, seed 2137.
     Returns (cfg, micro-batch size, requested batches or None for all)."""
-    import dataclasses
-
     from t5forge.config import RunConfig
 
-    cfg = settings.cfg if settings is not None and settings.cfg.mode == "pt" else RunConfig()
+    uses_run = settings is not None and settings.cfg.mode == "pt"
+    cfg = settings.cfg if uses_run else RunConfig()
     d = cfg.data
     data = dataclasses.replace(
         d,
-        validation_files=list(files) if files else list(d.validation_files if settings is not None else []),
+        validation_files=list(files) if files else list(d.validation_files if uses_run else []),
         text_field=text_field if text_field is not None else d.text_field,
         input_length=input_length if input_length is not None else d.input_length,
         mlm_probability=noise_density if noise_density is not None else d.mlm_probability,
@@ -96,11 +97,9 @@ def heldout_config(settings: RunSettings | None, *, files, text_field, input_len
         else d.mean_noise_span_length,
         num_workers=0,
     )
-    uses_run = settings is not None and settings.cfg.mode == "pt"
     micro = batch_size if batch_size is not None else (micro_batch_size(settings) if uses_run else 16)
-    requested = batches if batches is not None else (cfg.eval.steps if uses_run else None)
-    import sys
-
+    # a run without in-run evaluation (eval.steps=0) leaves the default at "all"
+    requested = batches if batches is not None else ((cfg.eval.steps or None) if uses_run else None)
     cfg = dataclasses.replace(
         cfg, data=data, seed=seed if seed is not None else cfg.seed,
         optim=dataclasses.replace(cfg.optim, batch_size=micro, grad_acc=1),
