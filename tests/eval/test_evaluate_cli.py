@@ -1,4 +1,5 @@
-"""`t5forge evaluate` end to end: SNI and seq2seq-file generation metrics, held-out loss, user errors."""
+"""`t5forge evaluate` end to end: SNI and seq2seq-file generation metrics, held-out loss, a run's own
+evaluation settings read back from its config.yaml, user errors."""
 
 import itertools
 import json
@@ -138,3 +139,112 @@ def test_missing_model_path_is_one_line(data_dir, tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "no-model"), "--sni", str(data_dir / "sni")]) == 2
     err = capsys.readouterr().err.strip()
     assert "no-model does not exist" in err and "\n" not in err
+
+
+# ---------------------------------------------------------------------------------- a run's own settings
+@pytest.fixture(scope="module")
+def pt_run(tmp_path_factory, spiece_path, data_dir):
+    """A real 2-step pre-training run at 128-token inputs, a 2-way gradient accumulation, a
+    non-default seed and noise density, evaluated in-run on 3 held-out batches at its last step."""
+    out = tmp_path_factory.mktemp("pt-run") / "run"
+    assert main(["pretrain", "task=pt_tiny", f"out_dir={out}", f"data.tokenizer={spiece_path}",
+                 f"data.train_files=[{data_dir / 'c4-sample' / 'c4-en.train-00000-first1000.json.gz'}]",
+                 f"data.validation_files=[{data_dir / HELDOUT}]", "data.input_length=128",
+                 "data.mlm_probability=0.2", "seed=7", "optim.batch_size=4", "optim.grad_acc=2",
+                 "optim.total_steps=2", "optim.warmup_steps=1", "eval.every_steps=2", "eval.steps=3",
+                 "checkpoint.every_steps=2"]) == 0
+    return out
+
+
+def final_eval(run):
+    return [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "eval"][-1]
+
+
+def test_heldout_on_a_run_equals_the_runs_own_evaluation(pt_run, tmp_path, capsys):
+    capsys.readouterr()
+    out = tmp_path / "eval"
+    # the mode option first, as in `t5forge evaluate --heldout RUN`: the run directory is still the model
+    assert main(["evaluate", "--heldout", str(pt_run), "--output", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    in_run = final_eval(pt_run)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_tokens"] == in_run["eval_tokens"]
+    assert metrics["eval_loss"] == pytest.approx(in_run["eval_loss"], rel=1e-9)
+    assert metrics["eval_accuracy"] == pytest.approx(in_run["eval_accuracy"], rel=1e-9)
+    assert f"settings from {pt_run / 'checkpoints' / 'step-00000002' / 'config.yaml'}" in stdout
+    assert "inputs 128 tokens" in stdout and "batch size 2, seed 7, noise density 0.2" in stdout
+    assert "scored 3 batches (6 examples)" in stdout
+    assert f"{in_run['eval_loss']:12.4f}" in stdout
+    assert metrics["data"]["batches_scored"] == 3 and metrics["data"]["input_length"] == 128
+
+    # No mode at all: a pre-training run is evaluated the way it evaluates itself.
+    assert main(["evaluate", str(pt_run)]) == 0
+    assert f"{in_run['eval_loss']:12.4f}" in capsys.readouterr().out
+
+
+def test_heldout_options_win_and_running_out_of_data_is_said(pt_run, data_dir, tmp_path, capsys):
+    import gzip
+
+    small = tmp_path / "three-docs.jsonl"
+    with gzip.open(data_dir / HELDOUT, "rt", encoding="utf-8") as f:
+        small.write_text("".join(next(f) for _ in range(3)), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["evaluate", str(pt_run), "--heldout", str(small), "--batches", "50", "--input-length", "64"]) == 0
+    stdout = capsys.readouterr().out
+    scored = int(stdout.split("scored ")[1].split(" ")[0])
+    assert 1 <= scored < 50
+    assert f"scored {scored} of 50 batches: {small} has no more" in stdout
+    assert "inputs 64 tokens" in stdout and "seed 7" in stdout  # the option wins, the rest is the run's
+
+
+def test_heldout_run_files_that_moved_are_one_clear_line(pt_run, tmp_path, capsys):
+    import shutil
+
+    ckpt = tmp_path / "copy" / "checkpoints" / "step-00000002"
+    shutil.copytree(pt_run / "checkpoints" / "step-00000002", ckpt)
+    config = ckpt / "config.yaml"
+    config.write_text(config.read_text().replace(f"{HELDOUT}", "relative/held-out.json.gz"))
+    capsys.readouterr()
+    assert main(["evaluate", str(ckpt), "--heldout"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"data.validation_files of {config}" in err and "give --heldout FILES" in err
+
+
+def test_heldout_batch_of_a_multi_process_run_is_one_ranks_micro_batch(pt_run, tmp_path, capsys):
+    import shutil
+
+    ckpt = tmp_path / "ddp" / "checkpoints" / "step-00000002"
+    shutil.copytree(pt_run / "checkpoints" / "step-00000002", ckpt)
+    data = torch.load(ckpt / "data.pt", weights_only=True)
+    # as a 2-process run writes it: batch 4 = 2 ranks x 2 micro-steps x 1
+    torch.save({"world_size": 2, "ranks": data["ranks"] * 2}, ckpt / "data.pt")
+    capsys.readouterr()
+    assert main(["evaluate", str(ckpt)]) == 0
+    stdout = capsys.readouterr().out
+    assert "batch size 1, seed 7" in stdout and "scored 3 batches (3 examples)" in stdout
+
+
+def test_sni_on_a_finetuning_checkpoint_uses_the_runs_prompts_and_lengths(tokenizer, model_dir, spiece_path,
+                                                                         data_dir, tmp_path, capsys):
+    from t5forge.config import load_config, save_config
+    from t5forge.train.finetune import load_finetune_data
+
+    cfg = load_config(["task=ft_tiny", f"data.tokenizer={spiece_path}", f"finetune.sni_dir={data_dir / 'sni'}",
+                       "finetune.max_num_instances_per_task=2", "finetune.max_seq_len=96",
+                       "finetune.max_target_len=3", "finetune.num_pos_examples=1", "finetune.add_task_name=true",
+                       "seed=3", "optim.batch_size=4", "optim.grad_acc=2"])
+    model, _ = load_model(model_dir)
+    ckpt = save_model_dir(model, tokenizer, tmp_path / "run" / "checkpoints" / "step-00000001")
+    save_config(cfg, ckpt / "config.yaml")
+    out = tmp_path / "eval"
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run"), "--output", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "at most 3 new tokens, sources cut to 96 tokens, batch size 2" in stdout
+
+    # The fine-tuning run's own held-out examples (its prompt format, instances and seed), decoded as it decodes.
+    _, examples, _ = load_finetune_data(cfg, tokenizer)
+    records = read_jsonl(out / "predictions.jsonl")
+    assert [r["source"] for r in records] == [e.source for e in examples]
+    direct = generate_predictions(model, tokenizer, examples, batch_size=2, max_source_length=96, max_new_tokens=3)
+    assert [r["prediction"] for r in records] == [d["prediction"] for d in direct]

@@ -1,7 +1,14 @@
-"""`t5forge data preview`: show span-corrupted pre-training examples exactly as training sees them.
+"""`t5forge data preview`: show the span-corrupted examples a pre-training run trains on.
 
-    t5forge data preview --files c4-train.00000-of-01024.json.gz --tokenizer spiece.model -n 3
-    t5forge data preview --dataset allenai/c4 --dataset-config en --tokenizer google/t5-v1_1-base
+The items are those of `t5forge pretrain` (`task=NAME`, `config=FILE`, `a.b=value`), so
+
+    t5forge data preview config=runs/my-run/config.yaml -n 3
+    t5forge data preview task=pt_cpu data.train_files=[c4-train.00000-of-01024.json.gz] data.tokenizer=spiece.model
+
+decodes the first examples of that run's first micro-batch: its tokenizer, files, input length,
+noise, micro-batch size, seed and shuffling, through the run's own loader (train/pretrain.py).
+The options (--files, --tokenizer, --input-length, ...) override single keys; without any item the
+defaults are those of `t5forge pretrain` (nanoT5's).
 """
 
 from __future__ import annotations
@@ -11,53 +18,105 @@ HELP = "preview span-corrupted pre-training examples (inputs with sentinels, tar
 
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    p = sub.add_parser("preview", help="decode a few corrupted examples")
+    p = sub.add_parser("preview", help="decode the first examples a pre-training run trains on",
+                       description="Decode the first examples a pre-training run trains on (task=, config=, "
+                                   "a.b=value as for `t5forge pretrain`; options override single keys).")
+    p.add_argument("items", nargs="*", metavar="KEY=VALUE",
+                   help="task=PRESET, config=FILE.yaml (e.g. a run's config.yaml) and overrides like "
+                        "data.input_length=128")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--files", nargs="+", metavar="FILE",
-                       help="local text files, folders or globs (.txt, .json/.jsonl, .parquet, optionally .gz)")
-    where.add_argument("--dataset", default="allenai/c4", help="Hub dataset (or a local dataset folder)")
-    p.add_argument("--dataset-config", default="en")
-    p.add_argument("--split", default="train", choices=["train", "validation"])
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--tokenizer", default="google/t5-v1_1-base",
-                   help="spiece.model, tokenizer.json, a folder holding one, or a Hub id")
-    p.add_argument("-n", "--num-examples", type=int, default=3)
-    p.add_argument("--input-length", type=int, default=512)
-    p.add_argument("--noise-density", type=float, default=0.15)
-    p.add_argument("--mean-noise-span-length", type=float, default=3.0)
-    p.add_argument("--seed", type=int, default=0)
+                       help="local text files, folders or globs (.txt, .json/.jsonl, .parquet, optionally .gz): "
+                            "data.train_files (data.validation_files with --split validation)")
+    where.add_argument("--dataset", default=None, help="data.dataset: a Hub dataset (or a local dataset folder)")
+    p.add_argument("--dataset-config", default=None, help="data.dataset_config")
+    p.add_argument("--split", default="train", choices=["train", "validation"],
+                   help="train: the run's training batches; validation: its held-out batches")
+    p.add_argument("--text-field", default=None, help="data.text_field")
+    p.add_argument("--tokenizer", default=None,
+                   help="data.tokenizer: spiece.model, tokenizer.json, a folder holding one, or a Hub id")
+    p.add_argument("-n", "--num-examples", type=int, default=3, help="examples to show (default: 3)")
+    p.add_argument("--input-length", type=int, default=None, help="data.input_length")
+    p.add_argument("--noise-density", type=float, default=None, help="data.mlm_probability")
+    p.add_argument("--mean-noise-span-length", type=float, default=None, help="data.mean_noise_span_length")
+    p.add_argument("--seed", type=int, default=None, help="seed")
     p.add_argument("--on-decode-error", choices=["raise", "skip"], default="raise")
 
 
-def run(args) -> int:
-    from t5forge.data.loader import build_pretrain_loader
+def preview_config(args):
+    """The RunConfig of the run to preview: the items, then the options that were given."""
+    import dataclasses
+
+    from t5forge.config import load_config, validate
     from t5forge.errors import T5ForgeError
-    from t5forge.tokenizer import load_tokenizer
+
+    cfg = load_config(args.items)
+    if cfg.mode != "pt":
+        raise T5ForgeError("this config is for fine-tuning (mode=ft); `data preview` shows span-corrupted "
+                           "pre-training data")
+    d = cfg.data
+    changes = {
+        "dataset_config": args.dataset_config, "text_field": args.text_field, "tokenizer": args.tokenizer,
+        "input_length": args.input_length, "mlm_probability": args.noise_density,
+        "mean_noise_span_length": args.mean_noise_span_length,
+    }
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if args.files:
+        changes["train_files" if args.split == "train" else "validation_files"] = list(args.files)
+    if args.dataset is not None:  # the Hub dataset instead of the files
+        changes.update(dataset=args.dataset, train_files=[], validation_files=[])
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(d, **changes),
+                              seed=args.seed if args.seed is not None else cfg.seed)
+    validate(cfg)
+    return cfg
+
+
+def run(args) -> int:
+    import itertools
+
+    from t5forge.errors import T5ForgeError
+    from t5forge.plan import make_plan
+    from t5forge.train.distributed import World
+    from t5forge.train.pretrain import build_loader
+    from t5forge.train.setup import load_run_tokenizer
 
     if args.num_examples < 1:
         raise T5ForgeError(f"-n must be at least 1, got {args.num_examples}")
-    tok = load_tokenizer(args.tokenizer)
-    loader = build_pretrain_loader(
-        tokenizer=tok, dataset=args.dataset, dataset_config=args.dataset_config, files=args.files or (),
-        text_field=args.text_field, split=args.split, batch_size=args.num_examples, input_length=args.input_length,
-        noise_density=args.noise_density, mean_noise_span_length=args.mean_noise_span_length, seed=args.seed,
-        on_decode_error=args.on_decode_error, skip_option="--on-decode-error skip",
-    )
-    batch = next(iter(loader))
-    c = loader.corruption
+    cfg = preview_config(args)
+    plan = make_plan(cfg)
+    tok = load_run_tokenizer(cfg)
+    # The run's own loader: rank 0 of a one-process run (a run on N ranks gives each rank its own slice).
+    loader = build_loader(cfg, plan, tok, World(), args.split, on_decode_error=args.on_decode_error,
+                          skip_option="--on-decode-error skip")
+    if loader is None:
+        raise T5ForgeError("the run has no held-out data (data.validation_files is empty); "
+                           "preview --split train, or set data.validation_files")
+    micro = plan.micro_batch_size
+    batches = list(itertools.islice(iter(loader), -(-args.num_examples // micro)))
+    c, d = loader.corruption, cfg.data
     print(f"source: {loader.source!r}; tokenizer: {tok.source} ({tok.vocab_size} tokens)")
     print(f"raw chunk {c.raw_length} tokens -> input {c.input_length} + target {c.target_length} "
-          f"({c.num_noise_spans} noise spans, density {args.noise_density}, mean span {args.mean_noise_span_length})")
-    for i in range(args.num_examples):
-        inputs, labels = batch["input_ids"][i].tolist(), batch["labels"][i].tolist()
-        sentinels = sum(1 for t in labels if t >= tok.vocab_size - tok.num_sentinels)
-        noise = len(labels) - sentinels - 1  # target = sentinel + span per span, then EOS
-        print(f"\n=== example {i}: input {len(inputs)} tokens, target {len(labels)} tokens, "
-              f"{sentinels} spans, noise {noise}/{c.raw_length} = {noise / c.raw_length:.4f}")
-        print("--- input:")
-        print(tok.decode(inputs, skip_special_tokens=False))
-        print("--- target:")
-        print(tok.decode(labels, skip_special_tokens=False))
+          f"({c.num_noise_spans} noise spans, density {d.mlm_probability}, mean span {d.mean_noise_span_length})")
+    order = "corpus order" if args.split == "validation" or not d.shuffle_buffer else \
+        f"shuffled in blocks of {d.shuffle_buffer} chunks"
+    print(f"{args.split} batches of {micro} (the run's micro-batch), seed {cfg.seed}, {order}")
+    shown = 0
+    for b, batch in enumerate(batches):
+        for i in range(len(batch["input_ids"])):
+            if shown == args.num_examples:
+                break
+            shown += 1
+            inputs, labels = batch["input_ids"][i].tolist(), batch["labels"][i].tolist()
+            sentinels = sum(1 for t in labels if t >= tok.vocab_size - tok.num_sentinels)
+            noise = len(labels) - sentinels - 1  # target = sentinel + span per span, then EOS
+            print(f"\n=== batch {b} example {i}: input {len(inputs)} tokens, target {len(labels)} tokens, "
+                  f"{sentinels} spans, noise {noise}/{c.raw_length} = {noise / c.raw_length:.4f}")
+            print("--- input:")
+            print(tok.decode(inputs, skip_special_tokens=False))
+            print("--- target:")
+            print(tok.decode(labels, skip_special_tokens=False))
+    if shown < args.num_examples:
+        print(f"\nonly {shown} example(s): the data has no more")
     if loader.source.skipped_undecodable:
         print(f"\nskipped {loader.source.skipped_undecodable} record(s) with undecodable bytes")
     return 0

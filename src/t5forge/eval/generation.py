@@ -42,6 +42,16 @@ def decode_prediction(tokenizer, ids) -> str:
     return clean_up_tokenization(tokenizer.decode(ids, skip_special_tokens=True)).strip()
 
 
+def decode_output(tokenizer, ids) -> str:
+    """Generated ids -> the text as a person reads it (`t5forge generate`): everything up to the first
+    EOS, padding dropped, sentinels and other special tokens shown ("<extra_id_0> the cat<extra_id_1>"),
+    so the answer of a span-corruption model says which span each piece fills."""
+    ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+    if tokenizer.eos_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_id)]
+    return tokenizer.decode([i for i in ids if i != tokenizer.pad_id], skip_special_tokens=False)
+
+
 def _encode_sources(tokenizer, examples, max_source_length: int) -> list[list[int]]:
     eos = tokenizer.eos_id
     ids = tokenizer.encode_batch([e.source for e in examples])

@@ -28,9 +28,10 @@ from t5forge.train.setup import (
 log = logging.getLogger(__name__)
 
 
-def build_loader(cfg: RunConfig, plan, tokenizer, world, split: str):
+def build_loader(cfg: RunConfig, plan, tokenizer, world, split: str, **options):
     """The span-corruption loader of `split` ("train" or "validation"), or None when there is no
-    held-out data (local training files without data.validation_files)."""
+    held-out data (local training files without data.validation_files). `options` go to
+    build_pretrain_loader (`t5forge data preview` passes its decode-error handling)."""
     from t5forge.data.loader import build_pretrain_loader
 
     d = cfg.data
@@ -50,7 +51,7 @@ def build_loader(cfg: RunConfig, plan, tokenizer, world, split: str):
         # Held-out batches are few and read once per evaluation: workers would only add start-up time.
         num_workers=d.num_workers if split == "train" else 0,
         pin_memory=torch.cuda.is_available(), allow_changed_files=d.allow_changed_files,
-        shuffle_buffer=d.shuffle_buffer,
+        shuffle_buffer=d.shuffle_buffer, **options,
     )
 
 
