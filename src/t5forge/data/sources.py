@@ -27,6 +27,8 @@ from t5forge.errors import T5ForgeError
 BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 DECODE_ERROR_MODES = ("raise", "skip")
+# How `t5forge pretrain` reads local files; other commands pass their own wording.
+PRETRAIN_FILES_ADVICE = "data.train_files=[PATH/train.jsonl.gz] data.validation_files=[PATH/valid.jsonl.gz]"
 REPLACEMENT_CHAR = "\ufffd"
 
 
@@ -108,9 +110,11 @@ class TextSource:
         text_field: str = "text",
         on_decode_error: str = "raise",
         skip_option: str | None = None,
+        files_advice: str = PRETRAIN_FILES_ADVICE,
     ):
         """`skip_option`: how the calling command turns on skipping undecodable records (named in the
-        error's advice), or None when it cannot skip."""
+        error's advice), or None when it cannot skip. `files_advice`: how the calling command reads
+        local files instead of a Hub dataset (the advice when the Hub cannot be used)."""
         if on_decode_error not in DECODE_ERROR_MODES:
             raise T5ForgeError(f"on_decode_error must be one of {DECODE_ERROR_MODES}, got {on_decode_error!r}")
         self.files = resolve_files(files) if files else []
@@ -118,7 +122,7 @@ class TextSource:
             raise T5ForgeError("no data: give local files (data.train_files=[...]) or a dataset name (data.dataset)")
         self.dataset, self.dataset_config, self.split = dataset, dataset_config, split
         self.text_field, self.on_decode_error = text_field, on_decode_error
-        self.skip_option = skip_option
+        self.skip_option, self.files_advice = skip_option, files_advice
         self.num_shards = None  # known once loaded
         self._ds = self._load()
         self.num_shards = self._ds.n_shards
@@ -149,6 +153,10 @@ class TextSource:
                 kwargs = {"encoding": "utf_8", "encoding_errors": "replace"}
             load = dict(path=builder, data_files=[str(f) for f in self.files], split="train", **kwargs)
         else:
+            if not Path(self.dataset).expanduser().exists():  # a Hub id, not a local dataset folder
+                from t5forge.hub import require_hub
+
+                require_hub(f"dataset {self.dataset!r}", self._offline_advice())
             load = dict(path=self.dataset, name=self.dataset_config, split=self.split)
         try:
             ds = datasets.load_dataset(streaming=True, **load)
@@ -170,10 +178,11 @@ class TextSource:
             return located or T5ForgeError(f"could not read {self.files[0]} ({reason})")
         return T5ForgeError(
             f"could not open dataset {self.dataset!r} (config {self.dataset_config!r}, split {self.split!r}) "
-            f"from the Hugging Face Hub ({reason}). Offline, point at local files instead: "
-            "data.train_files=[/path/c4-train.*.json.gz] data.validation_files=[...] (json/jsonl/txt/parquet), "
-            "or `--files` on the command line"
+            f"from the Hugging Face Hub ({reason}); {self._offline_advice()}"
         )
+
+    def _offline_advice(self) -> str:
+        return f"read local files instead: {self.files_advice} (json/jsonl/parquet/txt, optionally .gz)"
 
     def _name(self, shard: int | None = None) -> str:
         if self.files:
