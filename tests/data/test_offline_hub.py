@@ -80,13 +80,10 @@ def test_pretrain_with_a_hub_tokenizer_names_data_tokenizer(no_hub, tmp_path, da
     assert "tokenizer 'google/t5-v1_1-base'" in output and "data.tokenizer=PATH/spiece.model" in output
 
 
-def test_data_preview_advice_uses_its_own_options(no_hub, spiece_path, capfd):
-    code, output, elapsed = run_cli(["data", "preview", "-n", "1"], capfd)
+def test_tokenizer_show_advice_names_its_own_option(no_hub, capfd):
+    code, output, elapsed = run_cli(["tokenizer", "show", "--tokenizer", "google/t5-v1_1-base"], capfd)
     assert_fast_and_quiet(code, output, elapsed)
     assert "--tokenizer=PATH/spiece.model" in output and "data.tokenizer" not in output
-    code, output, elapsed = run_cli(["data", "preview", "-n", "1", "--tokenizer", str(spiece_path)], capfd)
-    assert_fast_and_quiet(code, output, elapsed)
-    assert "--files PATH" in output and "data.train_files" not in output
 
 
 def test_generate_with_a_hub_model_id_says_to_pass_a_local_directory(no_hub, capfd):

@@ -36,13 +36,12 @@ def run(args) -> int:
 
     if args.num_examples < 1:
         raise T5ForgeError(f"-n must be at least 1, got {args.num_examples}")
-    tok = load_tokenizer(args.tokenizer, option="--tokenizer")
+    tok = load_tokenizer(args.tokenizer)
     loader = build_pretrain_loader(
         tokenizer=tok, dataset=args.dataset, dataset_config=args.dataset_config, files=args.files or (),
         text_field=args.text_field, split=args.split, batch_size=args.num_examples, input_length=args.input_length,
         noise_density=args.noise_density, mean_noise_span_length=args.mean_noise_span_length, seed=args.seed,
         on_decode_error=args.on_decode_error, skip_option="--on-decode-error skip",
-        files_advice="--files PATH/train.jsonl.gz",
     )
     batch = next(iter(loader))
     c = loader.corruption

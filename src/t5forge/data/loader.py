@@ -376,13 +376,11 @@ def build_pretrain_loader(
     num_workers: int = 0,
     on_decode_error: str = "raise",
     skip_option: str | None = None,
-    files_advice: str | None = None,
     pin_memory: bool = False,
     allow_changed_files: bool = False,
     shuffle_buffer: int = 0,
 ) -> PretrainLoader:
-    """Span-corruption batches from local `files` (if any) or the Hub `dataset`; see the module docstring.
-    `skip_option` / `files_advice`: the calling command's wording for TextSource's advice."""
+    """Span-corruption batches from local `files` (if any) or the Hub `dataset`; see the module docstring."""
     from t5forge.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer)
@@ -399,7 +397,6 @@ def build_pretrain_loader(
     source = TextSource(
         dataset=dataset, dataset_config=dataset_config, files=files, split=split, text_field=text_field,
         on_decode_error=on_decode_error, skip_option=skip_option,
-        **({"files_advice": files_advice} if files_advice else {}),
     )
     return PretrainLoader(
         source=source, tokenizer=tokenizer, corruption=corruption, batch_size=batch_size, seed=seed, rank=rank,

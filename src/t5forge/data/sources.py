@@ -27,8 +27,8 @@ from t5forge.errors import T5ForgeError
 BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 DECODE_ERROR_MODES = ("raise", "skip")
-# How `t5forge pretrain` reads local files; other commands pass their own wording.
-PRETRAIN_FILES_ADVICE = "data.train_files=[PATH/train.jsonl.gz] data.validation_files=[PATH/valid.jsonl.gz]"
+# The config keys (pretrain, data preview) that read local files instead of a Hub dataset.
+LOCAL_FILES_ADVICE = "data.train_files=[PATH/train.jsonl.gz] data.validation_files=[PATH/valid.jsonl.gz]"
 REPLACEMENT_CHAR = "\ufffd"
 
 
@@ -110,11 +110,9 @@ class TextSource:
         text_field: str = "text",
         on_decode_error: str = "raise",
         skip_option: str | None = None,
-        files_advice: str = PRETRAIN_FILES_ADVICE,
     ):
         """`skip_option`: how the calling command turns on skipping undecodable records (named in the
-        error's advice), or None when it cannot skip. `files_advice`: how the calling command reads
-        local files instead of a Hub dataset (the advice when the Hub cannot be used)."""
+        error's advice), or None when it cannot skip."""
         if on_decode_error not in DECODE_ERROR_MODES:
             raise T5ForgeError(f"on_decode_error must be one of {DECODE_ERROR_MODES}, got {on_decode_error!r}")
         self.files = resolve_files(files) if files else []
@@ -122,7 +120,7 @@ class TextSource:
             raise T5ForgeError("no data: give local files (data.train_files=[...]) or a dataset name (data.dataset)")
         self.dataset, self.dataset_config, self.split = dataset, dataset_config, split
         self.text_field, self.on_decode_error = text_field, on_decode_error
-        self.skip_option, self.files_advice = skip_option, files_advice
+        self.skip_option = skip_option
         self.num_shards = None  # known once loaded
         self._ds = self._load()
         self.num_shards = self._ds.n_shards
@@ -182,7 +180,7 @@ class TextSource:
         )
 
     def _offline_advice(self) -> str:
-        return f"read local files instead: {self.files_advice} (json/jsonl/parquet/txt, optionally .gz)"
+        return f"read local files instead: {LOCAL_FILES_ADVICE} (json/jsonl/parquet/txt, optionally .gz)"
 
     def _name(self, shard: int | None = None) -> str:
         if self.files:
