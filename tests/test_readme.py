@@ -220,7 +220,8 @@ def run_block(block: Block, cwd: Path, env: dict, env_file: Path) -> str:
         argv = [sys.executable, str(script)]
     else:
         calls = cwd / f".readme-calls-{block.line}"
-        prelude = ["set -euo pipefail", "set -a", f'[ -f "{env_file}" ] && . "{env_file}"', "set +a"]
+        # set -a: the block's variables are exported, so that `export -p` hands them to the next block
+        prelude = ["set -euo pipefail -a", f'if [ -f "{env_file}" ]; then . "{env_file}"; fi']
         if block.mode == "print-config":
             calls.mkdir()
             prelude.append(f't5forge() {{ __n=$(( ${{__n:-0}} + 1 )); command t5forge "$@" --print-config '
