@@ -256,3 +256,18 @@ def test_readme_blocks_run_as_written(blocks, tmp_path, data_dir):
         run_block(block, session, env, env_file)
         timings.append(f"{block}: {time.perf_counter() - start:.1f}s")
     print("\n".join(timings))
+
+
+def test_every_config_key_named_in_readme_and_messages_exists():
+    """`section.key=...` in the README and in the code's messages (advice such as
+    `data.train_files=[...]`) names a real config key."""
+    from t5forge.config import describe_keys
+
+    keys = {key for key, *_ in describe_keys()}
+    sections = {key.split(".")[0] for key in keys}
+    texts = {README: README.read_text(encoding="utf-8")}
+    texts.update({p: p.read_text(encoding="utf-8") for p in (REPO / "src" / "t5forge").rglob("*.py")})
+    unknown = sorted({f"{path.relative_to(REPO)}: {name}" for path, text in texts.items()
+                      for name in re.findall(r"(?<![\w./])([a-z_]+\.[a-z_]+)=", text)
+                      if name.split(".")[0] in sections and name not in keys})
+    assert not unknown, unknown
