@@ -13,6 +13,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("T5FORGE_DATA", REPO.parent / "shared" / "data")).resolve()
 
+# No test touches the network: the Hugging Face libraries (and t5forge's Hub check) stay offline.
+# Tests of the offline behaviour itself unset this and point HF_ENDPOINT at a local port.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 # Two CI cores shared by two xdist workers: one intra-op thread each avoids oversubscription.
 torch.set_num_threads(1)
 

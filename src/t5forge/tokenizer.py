@@ -256,25 +256,25 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.endswith((".model", ".json")) or spec.count("/") > 1
 
 
-def _download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
+def _download(repo_id: str, option: str) -> Path:
+    from t5forge.hub import HubUnavailable, snapshot
 
     try:
-        folder = snapshot_download(
+        return snapshot(
             repo_id,
             allow_patterns=["spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"],
         )
-    except Exception as err:  # network, auth, missing repo: all end the same way for the user
+    except HubUnavailable as err:
         raise T5ForgeError(
-            f"could not get tokenizer {repo_id!r} from the Hugging Face Hub ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); offline, pass a local spiece.model, "
-            "tokenizer.json or a folder holding one (e.g. data.tokenizer=/path/to/spiece.model)"
+            f"tokenizer {repo_id!r} is not a local file or folder, and {err}; pass a local spiece.model, "
+            f"tokenizer.json or a folder holding one: {option}=PATH/spiece.model"
         ) from None
-    return Path(folder)
 
 
-def load_tokenizer(spec) -> Tokenizer:
-    """A T5 tokenizer from a spiece.model / tokenizer.json file, a folder holding one, or a Hub repo id."""
+def load_tokenizer(spec, option: str = "data.tokenizer") -> Tokenizer:
+    """A T5 tokenizer from a spiece.model / tokenizer.json file, a folder holding one, or a Hub repo id.
+    `option`: how the calling command names the tokenizer (`data.tokenizer`, `--tokenizer`), for the
+    advice when a Hub id cannot be fetched."""
     if isinstance(spec, Tokenizer):
         return spec
     spec_str = str(spec)
@@ -285,5 +285,5 @@ def load_tokenizer(spec) -> Tokenizer:
         return _load_path(path)
     if isinstance(spec, Path) or _looks_like_path(spec_str):
         raise T5ForgeError(f"tokenizer file {spec_str} does not exist")
-    return _load_path(_download(spec_str))
+    return _load_path(_download(spec_str, option))
 

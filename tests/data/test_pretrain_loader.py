@@ -147,7 +147,7 @@ def test_unreachable_hub_says_how_to_use_local_files(t5_tokenizer, monkeypatch):
     # the same failure as no network, without waiting for its retries
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(T5ForgeError, match=r"allenai/c4.*Offline, point at local files.*train_files"):
+    with pytest.raises(T5ForgeError, match=r"allenai/c4.*read local files instead: data.train_files=\[.*data.validation_files="):
         build_pretrain_loader(tokenizer=t5_tokenizer, batch_size=4)
 
 

@@ -133,9 +133,12 @@ def test_tokenizer_too_small_for_sentinels(tmp_path):
 
 
 
-def test_hub_repo_id_offline_is_a_clear_error(monkeypatch):
+def test_hub_repo_id_offline_is_a_clear_error(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(T5ForgeError, match="offline, pass a local spiece.model"):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    with pytest.raises(T5ForgeError, match="HF_HUB_OFFLINE=1 is set.*pass a local spiece.model.*data.tokenizer=PATH"):
         load_tokenizer("google/t5-v1_1-base")
 
 

@@ -173,5 +173,5 @@ def test_hub_id_offline_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # never touch the network
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(T5ForgeError, match="'t5forge-tests/no-such-model' is not a local path and could not be fetched"):
+    with pytest.raises(T5ForgeError, match="'t5forge-tests/no-such-model' is not a local path, and the Hugging Face Hub is not available"):
         load_model("t5forge-tests/no-such-model")

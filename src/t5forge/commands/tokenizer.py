@@ -47,7 +47,7 @@ def run(args) -> int:
         print(f"use it with data.tokenizer={args.output}")
         return 0
 
-    tok = load_tokenizer(args.tokenizer)
+    tok = load_tokenizer(args.tokenizer, option="--tokenizer")
     print(f"{tok.source}: vocab_size {tok.vocab_size}, pad {tok.pad_id}, eos {tok.eos_id}, unk {tok.unk_id}, "
           f"{tok.num_sentinels} sentinels (<extra_id_0> = {tok.sentinel_id(0) if tok.num_sentinels else '-'})")
     ids = tok.encode(args.text)

@@ -27,6 +27,8 @@ from t5forge.errors import T5ForgeError
 BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 DECODE_ERROR_MODES = ("raise", "skip")
+# The config keys (pretrain, data preview) that read local files instead of a Hub dataset.
+LOCAL_FILES_ADVICE = "data.train_files=[PATH/train.jsonl.gz] data.validation_files=[PATH/valid.jsonl.gz]"
 REPLACEMENT_CHAR = "\ufffd"
 
 
@@ -149,6 +151,10 @@ class TextSource:
                 kwargs = {"encoding": "utf_8", "encoding_errors": "replace"}
             load = dict(path=builder, data_files=[str(f) for f in self.files], split="train", **kwargs)
         else:
+            if not Path(self.dataset).expanduser().exists():  # a Hub id, not a local dataset folder
+                from t5forge.hub import require_hub
+
+                require_hub(f"dataset {self.dataset!r}", self._offline_advice())
             load = dict(path=self.dataset, name=self.dataset_config, split=self.split)
         try:
             ds = datasets.load_dataset(streaming=True, **load)
@@ -170,10 +176,11 @@ class TextSource:
             return located or T5ForgeError(f"could not read {self.files[0]} ({reason})")
         return T5ForgeError(
             f"could not open dataset {self.dataset!r} (config {self.dataset_config!r}, split {self.split!r}) "
-            f"from the Hugging Face Hub ({reason}). Offline, point at local files instead: "
-            "data.train_files=[/path/c4-train.*.json.gz] data.validation_files=[...] (json/jsonl/txt/parquet), "
-            "or `--files` on the command line"
+            f"from the Hugging Face Hub ({reason}); {self._offline_advice()}"
         )
+
+    def _offline_advice(self) -> str:
+        return f"read local files instead: {LOCAL_FILES_ADVICE} (json/jsonl/parquet/txt, optionally .gz)"
 
     def _name(self, shard: int | None = None) -> str:
         if self.files:

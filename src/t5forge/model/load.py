@@ -87,19 +87,18 @@ def _load_model_dir(directory: Path, overrides: dict):
 
 
 def _download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
+    from t5forge.hub import HubUnavailable, snapshot
 
     patterns = ["config.json", "model.safetensors", "spiece.model", "tokenizer.json",
                 "tokenizer_config.json", "special_tokens_map.json"]
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        folder = snapshot(repo_id, patterns)
         if not (folder / "model.safetensors").is_file():  # older repos only have the .bin
-            folder = Path(snapshot_download(repo_id, allow_patterns=patterns + ["pytorch_model.bin"]))
-    except Exception as err:  # offline, unknown repo, auth: one message for all
-        first_line = str(err).splitlines()[0] if str(err) else ""
+            folder = snapshot(repo_id, patterns + ["pytorch_model.bin"])
+    except HubUnavailable as err:
         raise T5ForgeError(
-            f"model {repo_id!r} is not a local path and could not be fetched from the Hugging Face Hub "
-            f"({type(err).__name__}: {first_line}); pass a local HF or t5forge model directory"
+            f"model {repo_id!r} is not a local path, and {err}; pass a local HF or t5forge model directory "
+            "(a run, checkpoint or `t5forge export` folder; for training: model.checkpoint_path=DIR)"
         ) from None
     return folder
 
