@@ -8,8 +8,6 @@ The items are resolved on top of the `ft` preset (nanoT5's Tk-Instruct fine-tuni
     t5forge finetune model.checkpoint_path=runs/pt_cpu_c4 finetune.sni_dir=data/sni optim.base_lr=1e-3
 """
 
-import os
-
 HELP = "fine-tune a T5 on Super-NaturalInstructions or seq2seq files (nanoT5 ft keys: finetune.sni_dir=DIR ...)"
 
 
@@ -19,22 +17,6 @@ def add_arguments(parser) -> None:
         help="task=PRESET (default ft), config=FILE.yaml and overrides like model.checkpoint_path=RUN_DIR",
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-
-
-def _show_info_logs() -> None:
-    """Print t5forge's INFO messages (data sizes, truncation counts, resume) on stderr, rank 0 only."""
-    import logging
-
-    logger = logging.getLogger("t5forge")
-    if int(os.environ.get("RANK", "0")) != 0:
-        logger.setLevel(logging.WARNING)
-        return
-    logger.setLevel(logging.INFO)
-    if not any(getattr(h, "_t5forge", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._t5forge = True
-        logger.addHandler(handler)
 
 
 def run(args) -> int:
@@ -59,5 +41,4 @@ def run(args) -> int:
 
     from t5forge.train.finetune import run_finetune
 
-    _show_info_logs()
     return int(run_finetune(cfg) or 0)

@@ -320,7 +320,7 @@ class Checkpointer:
                         current_step)
             shutil.rmtree(path)
         for path in old:
-            log.info("removing checkpoint %s", path)
+            log.debug("removing checkpoint %s", path)  # routine rotation (checkpoint.keep_last): not a console line
             shutil.rmtree(path)
 
 
