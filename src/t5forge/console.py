@@ -5,7 +5,9 @@ by `t5forge.cli.main` before any command runs) prints them:
 
 - INFO (what the run does: run directory, device, weights, tokenizer, resume, plan, the final
   summary) goes to stdout, one plain line per message, on rank 0 only (RANK, as torchrun sets it);
-- WARNING and above go to stderr as `warning: ...`, on every rank (a problem on rank 3 is still a problem).
+- WARNING and above go to stderr as `warning: ...`, on every rank (a problem on rank 3 is still a problem);
+  so do t5forge's own `warnings.warn` calls (tests catch those with pytest.warns), without the
+  source file and line Python would print; other libraries' warnings keep Python's format.
 
 The streams are looked up when a message is written, not when the handler is made, so a caller that
 swaps sys.stdout (pytest's capsys, a notebook) still sees the messages. On a terminal the lines are
@@ -17,8 +19,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
+from pathlib import Path
 
 LOGGER = "t5forge"
+_PACKAGE = Path(__file__).resolve().parent
 
 
 class _ConsoleHandler(logging.Handler):
@@ -44,6 +49,16 @@ class _ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    try:
+        ours = Path(filename).resolve().is_relative_to(_PACKAGE)
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        return _show_warning.python(message, category, filename, lineno, file, line)
+    (file or sys.stderr).write(f"warning: {message}\n")
+
+
 def show_messages(rank: int | None = None) -> logging.Logger:
     """Attach the console handlers to the `t5forge` logger (replacing earlier ones, so calling it
     again, as in-process tests do, never doubles a line); INFO on rank 0, WARNING elsewhere."""
@@ -55,4 +70,7 @@ def show_messages(rank: int | None = None) -> logging.Logger:
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     logger.addHandler(_ConsoleHandler("stdout", logging.DEBUG, logging.WARNING))
     logger.addHandler(_ConsoleHandler("stderr", logging.WARNING, logging.CRITICAL + 1, prefix="warning: "))
+    if warnings.showwarning is not _show_warning:
+        _show_warning.python = warnings.showwarning
+        warnings.showwarning = _show_warning
     return logger

@@ -2,8 +2,12 @@
 real run: in-process on real C4 text with the real T5 vocabulary and the tiny model."""
 
 import logging
+import warnings
+from pathlib import Path
 
 import pytest
+
+import t5forge
 
 from t5forge.cli import main
 from t5forge.console import show_messages
@@ -99,10 +103,11 @@ def test_pretrain_console_fresh_and_resumed_and_plots(tmp_path, data_dir, spiece
 @pytest.fixture
 def t5forge_logger():
     logger = logging.getLogger("t5forge")
-    level, handlers = logger.level, list(logger.handlers)
+    level, handlers, show = logger.level, list(logger.handlers), warnings.showwarning
     yield logger
     logger.setLevel(level)
     logger.handlers[:] = handlers
+    warnings.showwarning = show
 
 
 def test_other_ranks_say_only_warnings(t5forge_logger, capsys):
@@ -115,3 +120,11 @@ def test_other_ranks_say_only_warnings(t5forge_logger, capsys):
     show_messages(rank=0)
     logging.getLogger("t5forge.train.setup").info("weights: somewhere")
     assert capsys.readouterr().out == "weights: somewhere\n"
+
+
+def test_t5forge_warnings_read_as_warning_lines(t5forge_logger, capsys):
+    show_messages(rank=0)
+    ours = str(Path(t5forge.__file__).parent / "train" / "checkpoint.py")
+    warnings.showwarning("skipping damaged checkpoint x", UserWarning, ours, 113)
+    err = capsys.readouterr().err
+    assert err == "warning: skipping damaged checkpoint x\n"  # no file:line, no source line
