@@ -215,7 +215,7 @@ def compile_note(model_cfg, device, compiled: bool, elementwise: bool) -> str:
     from t5forge.model.fused import MIN_ELEMENTS
 
     why = "model.compile=" + ("true" if model_cfg.compile else "false") if model_cfg.compile is not None else (
-        f"model.compile=null: {'on' if compiled else 'off'} on {torch.device(device).type}")
+        f"model.compile=null: {'on' if compiled else 'off'} for {torch.device(device).type}")
     if compiled:
         return f"torch.compile of the whole model ({why})"
     if elementwise and torch.device(device).type == "cpu":
