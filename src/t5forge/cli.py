@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
+    from t5forge.console import show_messages
+
+    show_messages()  # every command's INFO lines on stdout (rank 0), warnings on stderr
     try:
         return int(args._run(args) or 0)
     except RunStopped as err:

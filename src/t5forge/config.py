@@ -123,13 +123,15 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    every_steps: int = _key(100000, "evaluate every N optimizer steps (and at the end)")
+    every_steps: Optional[int] = _key(100000, "evaluate every N optimizer steps (and at the end); null = automatic: "
+                                      "about 10 evaluations a run")
     steps: int = _key(500, "batches per evaluation (0 = no evaluation)")
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every_steps: int = _key(100000, "save every N optimizer steps (and at the end)")
+    every_steps: Optional[int] = _key(100000, "save every N optimizer steps (and at the end); null = automatic: "
+                                      "about 10 checkpoints a run")
     keep_last: int = _key(3, "checkpoints kept on disk (0 = all)")
     every_minutes: float = _key(0.0, "also save when this many minutes of wall clock have passed since the "
                                 "last save, so a crash costs at most that much (0 = off)")
@@ -137,7 +139,9 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    every_steps: int = _key(100, "log train metrics every N optimizer steps")
+    every_steps: Optional[int] = _key(None, "log train metrics every N optimizer steps; null = automatic: about 100 "
+                                      "points a run, at most every 100 steps (nanoT5's). Step 1 and at least 10 "
+                                      "points of the lr warmup are logged too")
     grad_l2: bool = _key(True, "log the gradient norm")
     weights_l2: bool = _key(True, "log the weight norm")
     tensorboard: bool = _key(False, "also write TensorBoard events to out_dir/tensorboard")
@@ -602,12 +606,13 @@ def validate(cfg: RunConfig) -> None:
     _at_least("optim.max_rollbacks", o.max_rollbacks, 0)
     time_budget_seconds(cfg)  # raises on a malformed duration
 
-    _at_least("eval.every_steps", cfg.eval.every_steps, 1)
+    for key in ("eval.every_steps", "checkpoint.every_steps", "logging.every_steps"):  # null: the plan decides
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) is not None:
+            _at_least(key, getattr(getattr(cfg, section), name), 1)
     _at_least("eval.steps", cfg.eval.steps, 0)
-    _at_least("checkpoint.every_steps", cfg.checkpoint.every_steps, 1)
     _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 0)
     _at_least("checkpoint.every_minutes", cfg.checkpoint.every_minutes, 0.0)
-    _at_least("logging.every_steps", cfg.logging.every_steps, 1)
 
     f = cfg.finetune
     _at_least("finetune.max_seq_len", f.max_seq_len, 1)

@@ -9,6 +9,12 @@
 With `optim.time_budget` the schedule runs on progress = max(steps done / total_steps, time spent /
 budget), i.e. the run ends (with the lr at its floor) when either the steps or the time run out,
 whichever comes first. Without a budget, progress is steps done / total_steps.
+
+The hooks' intervals (`plan.log_every_steps`, `eval_every_steps`, `checkpoint_every_steps`) are
+the config's, or, where the config says null, scaled with the run's length: about LOG_POINTS log
+points and EVAL_POINTS evaluations / checkpoints a run, never sparser than nanoT5's intervals
+(NANOT5_INTERVALS), so nanoT5's long runs log as before while a 150-step fine-tune logs every
+step. `plan.logs_at(step)` adds step 1 and at least 10 points of the lr warmup, so a plot shows it.
 """
 
 import math
@@ -32,6 +38,12 @@ class Plan:
     total_steps: int  # optimizer steps: the schedule length and the step limit
     warmup_steps: int
     time_budget_seconds: Optional[float]  # None: no budget, the step count alone drives the schedule
+    log_every_steps: int = 100  # train metrics after every N steps (see logs_at)
+    warmup_log_every_steps: int = 100  # ... and every N steps during the warmup
+    eval_every_steps: int = 100000
+    checkpoint_every_steps: int = 100000
+    automatic: tuple = ()  # the config keys whose interval was null (resolved here)
+    evaluates: bool = True  # eval.steps > 0
 
     @property
     def time_driven(self) -> bool:
@@ -58,16 +70,70 @@ class Plan:
     def should_stop(self, step: int, elapsed_seconds: float = 0.0) -> bool:
         return self.progress(step, elapsed_seconds) >= 1.0
 
+    def logs_at(self, step: int) -> bool:
+        """Whether the train metrics of `step` (1 = the first) are logged: step 1, every
+        log_every_steps, and every warmup_log_every_steps up to the end of the warmup."""
+        if step == 1 or step % self.log_every_steps == 0:
+            return True
+        return step <= self.warmup_steps and step % self.warmup_log_every_steps == 0
+
+    def intervals_summary(self) -> str:
+        def note(key: str) -> str:
+            return " (auto)" if key in self.automatic else ""
+
+        log = f"intervals: log every {self.log_every_steps} step{'' if self.log_every_steps == 1 else 's'}{note('logging.every_steps')}"
+        if self.warmup_steps and self.warmup_log_every_steps < self.log_every_steps:
+            log += f", every {self.warmup_log_every_steps} in the {self.warmup_steps} warmup steps"
+        if not self.evaluates:
+            evaluation = "no evaluation (eval.steps=0)"
+        elif self.eval_every_steps >= self.total_steps:
+            evaluation = f"eval at the end only{note('eval.every_steps')}"
+        else:
+            evaluation = f"eval every {self.eval_every_steps}{note('eval.every_steps')}"
+        if self.checkpoint_every_steps >= self.total_steps:
+            checkpoint = f"checkpoint at the end only{note('checkpoint.every_steps')}"
+        else:
+            checkpoint = f"checkpoint every {self.checkpoint_every_steps}{note('checkpoint.every_steps')}"
+        return f"{log}; {evaluation}; {checkpoint}"
+
     def summary(self) -> str:
         lines = [
             f"batch {self.batch_size} = {self.world_size} rank(s) x {self.grad_acc} micro-step(s) x {self.micro_batch_size}",
             f"lengths: input {self.input_length}, target {self.target_length}"
             + (f" (span corruption of {self.raw_input_length} text tokens)" if self.raw_input_length else ""),
             f"steps {self.total_steps} (warmup {self.warmup_steps}), {self.tokens_per_step:,} tokens per step",
+            self.intervals_summary(),
         ]
         if self.time_driven:
             lines.append(f"time budget {self.time_budget_seconds:.0f}s drives the schedule; stop at whichever ends first")
         return "\n".join(lines)
+
+
+# nanoT5's intervals (default.yaml): automatic ones are never sparser, so its long runs keep them.
+NANOT5_INTERVALS = {"logging.every_steps": 100, "eval.every_steps": 100000, "checkpoint.every_steps": 100000}
+LOG_POINTS = 100  # automatic logging.every_steps: about this many train points a run
+EVAL_POINTS = 10  # automatic eval.every_steps / checkpoint.every_steps: about this many a run
+WARMUP_LOG_POINTS = 10  # at least this many train points during the lr warmup
+
+
+def resolve_intervals(cfg: RunConfig, total_steps: int, warmup_steps: int) -> dict:
+    """The hooks' intervals: the config's, or for a null key total_steps / points, at least 1 and at
+    most nanoT5's interval. Also the denser interval used during the warmup, and the automatic keys."""
+    given = {"logging.every_steps": cfg.logging.every_steps, "eval.every_steps": cfg.eval.every_steps,
+             "checkpoint.every_steps": cfg.checkpoint.every_steps}
+    points = {"logging.every_steps": LOG_POINTS, "eval.every_steps": EVAL_POINTS,
+              "checkpoint.every_steps": EVAL_POINTS}
+    every = {key: value if value is not None else max(1, min(NANOT5_INTERVALS[key], total_steps // points[key]))
+             for key, value in given.items()}
+    log_every = every["logging.every_steps"]
+    return dict(
+        log_every_steps=log_every,
+        warmup_log_every_steps=max(1, min(log_every, warmup_steps // WARMUP_LOG_POINTS)) if warmup_steps else log_every,
+        eval_every_steps=every["eval.every_steps"],
+        checkpoint_every_steps=every["checkpoint.every_steps"],
+        automatic=tuple(key for key, value in given.items() if value is None),
+        evaluates=cfg.eval.steps > 0,
+    )
 
 
 def split_batch(batch_size: int, grad_acc: int, world_size: int) -> int:
@@ -128,6 +194,7 @@ def make_plan(cfg: RunConfig, world_size: int = 1, train_examples: Optional[int]
         total_steps=total_steps,
         warmup_steps=o.warmup_steps,
         time_budget_seconds=time_budget_seconds(cfg),
+        **resolve_intervals(cfg, total_steps, o.warmup_steps),
     )
 
 

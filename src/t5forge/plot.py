@@ -1,8 +1,16 @@
 """PNG training curves from a run's metrics.jsonl: loss (train raw + smoothed, eval), learning rate,
-throughput (tokens/s and MFU), gradient norm, and other evaluation metrics.
+throughput (tokens/s and MFU, against the step and against elapsed wall-clock time), gradient norm,
+and the other evaluation metrics.
 
-Uses matplotlib's object API with the Agg canvas (no pyplot, no display needed), so it runs on
-headless machines and inside the training process alike.
+`figures(records, name)` builds the matplotlib Figures (one per PNG, keyed by file stem);
+`plot_run(run_dir)` reads metrics.jsonl and writes them. Uses matplotlib's object API with the Agg
+canvas (no pyplot, no display needed), so it runs on headless machines and inside the training
+process alike.
+
+What counts as a metric (`is_metric`): a numeric field that is not a flag and not bookkeeping. The
+bookkeeping fields are named in BOOKKEEPING (step, kind, time, best) or by their suffix: counts and
+durations of the evaluation itself (eval_tokens, gen_examples, eval_seconds, ..., see
+BOOKKEEPING_SUFFIXES), which say how an evaluation was made, not how good the model is.
 """
 
 from __future__ import annotations
@@ -14,7 +22,16 @@ import numpy as np
 from t5forge.errors import T5ForgeError
 from t5forge.train.metrics_log import METRICS_FILE, read_metrics
 
-_SKIP = {"step", "kind", "time"}
+BOOKKEEPING = frozenset({"step", "kind", "time", "best"})
+BOOKKEEPING_SUFFIXES = ("_tokens", "_examples", "_batches", "_steps", "_seconds")
+
+
+def is_metric(key: str, records: list[dict]) -> bool:
+    """Whether `key` of these records is a metric to plot (see the module docstring)."""
+    if key in BOOKKEEPING or key.endswith(BOOKKEEPING_SUFFIXES):
+        return False
+    values = [r[key] for r in records if r.get(key) is not None]
+    return bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
 def smooth(values: np.ndarray, window: int | None = None) -> np.ndarray:
@@ -69,9 +86,19 @@ def _thousands(value, _pos) -> str:
     return f"{value / 1000:g}k" if abs(value) >= 1000 else f"{value:g}"
 
 
-def _save(fig, path: Path, written: list[Path]) -> None:
-    fig.savefig(path)
-    written.append(path)
+def elapsed_hours_or_minutes(train: list[dict]) -> tuple[np.ndarray, str]:
+    """(elapsed wall-clock time of each train record, axis label): the records' `elapsed_seconds`
+    (since the run began, resumes included), or for older runs their `time` since the first record."""
+    if all(isinstance(r.get("elapsed_seconds"), (int, float)) for r in train):
+        seconds = np.array([r["elapsed_seconds"] for r in train], dtype=float)
+    else:
+        seconds = np.array([r["time"] for r in train], dtype=float) - float(train[0]["time"])
+    last = float(np.nanmax(seconds)) if len(seconds) else 0.0
+    if last >= 2 * 3600:
+        return seconds / 3600, "elapsed time (h)"
+    if last >= 120:
+        return seconds / 60, "elapsed time (min)"
+    return seconds, "elapsed time (s)"
 
 
 def plot_run(run_dir: str | Path, output_dir: str | Path | None = None) -> list[Path]:
@@ -85,18 +112,30 @@ def plot_run(run_dir: str | Path, output_dir: str | Path | None = None) -> list[
     records = read_metrics(metrics)
     if not records:
         raise T5ForgeError(f"{metrics} has no records yet; plot again after the run has logged a step")
-    name = run_dir.resolve().name
+    built = figures(records, run_dir.resolve().name)
+    if not built:
+        raise T5ForgeError(f"{metrics} has no loss, lr or throughput values to plot")
     out = Path(output_dir) if output_dir is not None else run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for stem, fig in built.items():
+        fig.savefig(out / f"{stem}.png")
+        written.append(out / f"{stem}.png")
+    return written
+
+
+def figures(records: list[dict], name: str) -> dict:
+    """{file stem: matplotlib Figure} for the records of a metrics.jsonl (train and eval kinds)."""
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
-    written: list[Path] = []
+    built: dict = {}
 
     if _has(train, "loss") or _has(evals, "eval_loss"):
         fig, ax = _figure(f"{name}: loss")
         if _has(train, "loss"):
             steps, loss = _series(train, "loss")
-            ax.plot(steps, loss, color="tab:blue", alpha=0.25, linewidth=0.8, label="train (raw)")
+            ax.plot(steps, loss, color="tab:blue", alpha=0.25, linewidth=0.8, label="train (raw)",
+                    marker="." if len(steps) < 50 else None)
             ax.plot(steps, smooth(loss), color="tab:blue", linewidth=1.8, label="train (smoothed)")
         if _has(evals, "eval_loss"):
             steps, loss = _series(evals, "eval_loss")
@@ -109,30 +148,43 @@ def plot_run(run_dir: str | Path, output_dir: str | Path | None = None) -> list[
         ax.set_yscale("log")
         _plain_log_ticks(ax)
         ax.legend()
-        _save(fig, out / "loss.png", written)
+        built["loss"] = fig
 
     if _has(train, "lr"):
         fig, ax = _figure(f"{name}: learning rate")
-        ax.plot(*_series(train, "lr"), color="tab:green")
+        steps, lr = _series(train, "lr")
+        ax.plot(steps, lr, color="tab:green", marker="." if len(steps) < 50 else None)
         ax.set_ylabel("learning rate")
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-        _save(fig, out / "lr.png", written)
+        built["lr"] = fig
 
     if _has(train, "tokens_per_s"):
-        fig, ax = _figure(f"{name}: throughput")
-        steps, tps = _series(train, "tokens_per_s")
-        ax.plot(steps, tps, color="tab:purple")
-        ax.set_ylabel("tokens / s")
-        ax.set_ylim(bottom=0)
-        ax.yaxis.set_major_formatter(_thousands)
+        from matplotlib.figure import Figure
+
+        # Against the step, and against the wall clock: where the time went (evaluations,
+        # checkpoints and restarts show as gaps between the points).
+        fig = Figure(figsize=(8, 7), dpi=120, layout="constrained")
+        by_step, by_time = fig.subplots(2, 1)
+        fig.suptitle(f"{name}: throughput")
+        rows = [r for r in train if "tokens_per_s" in r]
+        steps, tps = _series(rows, "tokens_per_s")
+        elapsed, time_label = elapsed_hours_or_minutes(rows)
+        ratio = None
         if _has(train, "mfu"):
             # MFU is tokens/s times a constant (FLOPs per token / peak): a second scale, not a second line.
-            _, mfu = _series(train, "mfu")
+            _, mfu = _series(rows, "mfu")
             ratio = np.nanmedian(mfu / np.where(tps > 0, tps, np.nan))
-            if np.isfinite(ratio) and ratio > 0:
+        for ax, x, label in ((by_step, steps, "step"), (by_time, elapsed, time_label)):
+            ax.plot(x, tps, color="tab:purple", marker="." if len(x) < 50 else None)
+            ax.set_xlabel(label)
+            ax.set_ylabel("tokens / s")
+            ax.set_ylim(bottom=0)
+            ax.yaxis.set_major_formatter(_thousands)
+            ax.grid(True, alpha=0.3)
+            if ratio is not None and np.isfinite(ratio) and ratio > 0:
                 right = ax.secondary_yaxis("right", functions=(lambda t: 100 * ratio * t, lambda m: m / (100 * ratio)))
                 right.set_ylabel("MFU (%)")
-        _save(fig, out / "throughput.png", written)
+        built["throughput"] = fig
 
     if _has(train, "grad_norm"):
         fig, ax = _figure(f"{name}: gradient norm (before clipping)")
@@ -142,9 +194,9 @@ def plot_run(run_dir: str | Path, output_dir: str | Path | None = None) -> list[
         ax.set_yscale("log")
         _plain_log_ticks(ax)
         ax.set_ylabel("global L2 norm")
-        _save(fig, out / "grad_norm.png", written)
+        built["grad_norm"] = fig
 
-    others = sorted({k for r in evals for k in r if k not in _SKIP | {"eval_loss"} and _has(evals, k)})
+    others = sorted({k for r in evals for k in r if k != "eval_loss" and is_metric(k, evals)})
     if others:
         from matplotlib.figure import Figure
 
@@ -156,8 +208,5 @@ def plot_run(run_dir: str | Path, output_dir: str | Path | None = None) -> list[
             ax.set_ylabel(key)
             ax.grid(True, alpha=0.3)
         axes[-1].set_xlabel("step")
-        _save(fig, out / "eval_metrics.png", written)
-
-    if not written:
-        raise T5ForgeError(f"{metrics} has no loss, lr or throughput values to plot")
-    return written
+        built["eval_metrics"] = fig
+    return built

@@ -7,6 +7,8 @@ paper; they set no time budget here either), `ft` is nanoT5's Tk-Instruct fine-t
 Super-NaturalInstructions. `pt_cpu`, `pt_tiny` and `ft_tiny` are small enough for a laptop CPU.
 
 Presets are plain data: every key is checked against the schema exactly like a user's YAML file.
+The log interval (and pt_cpu's eval interval) is null: the plan scales it with the run's length, so a
+fine-tune whose step count comes from its data logs about 100 points whatever its size (see t5forge.plan).
 """
 
 import copy
@@ -54,9 +56,10 @@ PRESETS: dict[str, dict] = {
         "model": {"name": "tiny", "d_model": 128, "d_kv": 32, "num_heads": 4, "d_ff": 512, "num_layers": 4},
         "data": {"input_length": 128, "num_workers": 0},
         "optim": {"batch_size": 16, "total_steps": 400, "warmup_steps": 40},
-        "eval": {"every_steps": 50, "steps": 10},
+        # Log and eval intervals left to the plan (logging.every_steps is null by default): ~100 log
+        # points and 10 evaluations, so optim.total_steps=4000 gives curves of the same density.
+        "eval": {"every_steps": None, "steps": 10},
         "checkpoint": {"every_steps": 200, "keep_last": 2},
-        "logging": {"every_steps": 10},
     },
     # Smoke tests: the built-in `tiny` model, a few steps, every hook fires.
     "pt_tiny": {
@@ -95,7 +98,7 @@ DESCRIPTIONS = {
     "pt_20h": "nanoT5 pt_20h: batch 256 (grad_acc 2), 66,665 steps, warmup 8,332",
     "pt_24h": "nanoT5 pt_24h: batch 256 (grad_acc 2), 79,998 steps, warmup 10,000",
     "ft": "nanoT5 ft: Tk-Instruct on SNI, AdamW 5e-5 constant, batch 8, 2 epochs, no clipping, fp32",
-    "pt_cpu": "laptop CPU: 10.6M-parameter T5, input 128, batch 16, 400 steps, fp32, eval every 50 steps",
+    "pt_cpu": "laptop CPU: 10.6M-parameter T5, input 128, batch 16, 400 steps, fp32, 10 evaluations",
     "pt_tiny": "smoke test: tiny T5, input 64, batch 4, 20 steps, every hook fires",
     "ft_tiny": "smoke test for fine-tuning: tiny T5, batch 4, 20 steps",
 }

@@ -20,8 +20,9 @@ def test_defaults_are_nanot5_default_yaml():
     o = cfg.optim
     assert (o.name, o.base_lr, o.batch_size, o.total_steps, o.warmup_steps) == ("adamwscale", 2e-2, 128, 65536, 10000)
     assert (o.lr_scheduler, o.weight_decay, o.grad_clip, o.grad_acc, o.final_cosine) == ("cosine", 0.0, 1.0, 1, 1e-5)
+    # logging.every_steps null: the plan's automatic interval, nanoT5's 100 at this length (test_plan_intervals.py)
     assert (cfg.eval.every_steps, cfg.eval.steps, cfg.checkpoint.every_steps, cfg.logging.every_steps) == (
-        100000, 500, 100000, 100)
+        100000, 500, 100000, None)
 
 
 def test_config_is_frozen():

@@ -9,8 +9,6 @@ becomes `runs/finetune-<date>-<time>`; local paths become absolute (`with_run_di
     t5forge finetune model.checkpoint_path=runs/pt_cpu_c4 finetune.sni_dir=data/sni optim.base_lr=1e-3
 """
 
-import os
-
 HELP = "fine-tune a T5 on Super-NaturalInstructions or seq2seq files (nanoT5 ft keys: finetune.sni_dir=DIR ...)"
 
 
@@ -23,22 +21,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--list-keys", action="store_true",
                         help="list every config key with its value (those of the ft preset, or of the task=, "
                              "config= and overrides given) and exit")
-
-
-def _show_info_logs() -> None:
-    """Print t5forge's INFO messages (data sizes, truncation counts, resume) on stderr, rank 0 only."""
-    import logging
-
-    logger = logging.getLogger("t5forge")
-    if int(os.environ.get("RANK", "0")) != 0:
-        logger.setLevel(logging.WARNING)
-        return
-    logger.setLevel(logging.INFO)
-    if not any(getattr(h, "_t5forge", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._t5forge = True
-        logger.addHandler(handler)
 
 
 def run(args) -> int:
@@ -69,5 +51,4 @@ def run(args) -> int:
 
     from t5forge.train.finetune import run_finetune
 
-    _show_info_logs()
     return int(run_finetune(cfg) or 0)

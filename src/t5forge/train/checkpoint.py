@@ -110,8 +110,7 @@ def latest(run_dir: str | Path, checksums: bool = False) -> Path | None:
         # Renamed, so written completely once; damaged afterwards (by hand, by the disk). Left in
         # place for a look; the next save of that step, or a save before it, replaces it.
         msg = f"skipping damaged checkpoint {path}: {wrong}; falling back to the previous one"
-        warnings.warn(msg)
-        log.warning(msg)
+        warnings.warn(msg)  # on the console as `warning: ...` (t5forge.console), once
     return None
 
 
@@ -120,8 +119,7 @@ def _warn_newer(found: Path) -> None:
     if newer:
         msg = (f"resuming from {found.name}: the newer checkpoints {', '.join(newer)} belong to the history this "
                "run replaces and are deleted at its first save (copy them elsewhere now to keep them)")
-        warnings.warn(msg)
-        log.warning(msg)
+        warnings.warn(msg)  # on the console as `warning: ...` (t5forge.console), once
 
 
 def resolve_resume(resume: str | bool | None, run_dir: str | Path) -> Path | None:
@@ -320,7 +318,7 @@ class Checkpointer:
                         current_step)
             shutil.rmtree(path)
         for path in old:
-            log.info("removing checkpoint %s", path)
+            log.debug("removing checkpoint %s", path)  # routine rotation (checkpoint.keep_last): not a console line
             shutil.rmtree(path)
 
 

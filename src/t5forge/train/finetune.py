@@ -26,7 +26,7 @@ from t5forge.train import rng
 from t5forge.train.checkpoint import Checkpointer
 from t5forge.train.loop import LoopParts, train
 from t5forge.train.setup import (
-    autocast_for, build_model, enable_fast_math, launch, load_run_tokenizer, open_run_dir, pick_device,
+    autocast_for, build_model, enable_fast_math, launch, load_run_tokenizer, log_device, open_run_dir, pick_device,
     resume_or_seed, start_run_files, training_model,
 )
 from t5forge.train.state import TrainState
@@ -148,7 +148,7 @@ def finetune_evaluator(cfg: RunConfig, plan, examples, name, tokenizer, model, d
             raise
         can_generate = False
         if world.is_main:
-            print("t5forge.eval.generation is not available: evaluating the held-out loss only")
+            log.warning("t5forge.eval.generation is not available: evaluating the held-out loss only")
 
     # An evaluation micro-batch holds a whole step's examples (batch_size / world size), not the
     # training micro-batch's, so the one-row capacity is sized for that many.
@@ -198,6 +198,7 @@ def _run(cfg: RunConfig, world) -> int:
     from t5forge.plan import make_plan
 
     device = pick_device(cfg.device, world.local_rank)
+    log_device(cfg, device)
     enable_fast_math(device)
     run_dir, resume_from = open_run_dir(cfg)
 
@@ -226,8 +227,8 @@ def _run(cfg: RunConfig, world) -> int:
     if eval_examples:
         evaluate = finetune_evaluator(cfg, plan, eval_examples, eval_name, tokenizer, model, device, autocast,
                                       world, run_dir)
-    elif world.is_main and cfg.eval.steps > 0:
-        print("no held-out data (finetune.validation_files is empty): training without evaluation")
+    elif cfg.eval.steps > 0:
+        log.info("no held-out data (finetune.validation_files is empty): training without evaluation")
 
     parts = LoopParts(
         cfg=cfg, plan=plan, model=training_model(model, cfg, world, device), tokenizer=tokenizer,
@@ -243,6 +244,6 @@ def _run(cfg: RunConfig, world) -> int:
         state = train(parts, state)
     if world.is_main:
         best = f", best eval loss {state.best_eval_loss:.4f} at step {state.best_eval_step}" if state.best_eval_loss else ""
-        print(f"done: {state.step} steps ({state.epoch} epoch(s)), {state.examples_seen:,} examples, "
+        log.info(f"done: {state.step} steps ({state.epoch} epoch(s)), {state.examples_seen:,} examples, "
               f"{state.elapsed_train_seconds:.0f}s of training{best}; checkpoints in {run_dir / 'checkpoints'}")
     return 0

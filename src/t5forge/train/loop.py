@@ -5,7 +5,9 @@ token cross-entropy divided by the number of target tokens in the WHOLE step (al
 all ranks), so long and short targets weigh by their tokens, as if the step were one big batch;
 nanoT5 averages per micro-batch instead, which biases towards short targets when lengths vary.
 
-After each step three hooks run: log (every `logging.every_steps`), evaluate (every
+After each step three hooks run at the plan's intervals (the config's, or scaled with the run's
+length where it says null; see t5forge.plan): log (`plan.logs_at(step)`: every
+`logging.every_steps`, step 1 and densely through the lr warmup), evaluate (every
 `eval.every_steps`) and checkpoint (every `checkpoint.every_steps`, and every
 `checkpoint.every_minutes` of wall clock); the run ends when the plan says so (steps done, or
 `optim.time_budget` spent) with a final checkpoint and then a final evaluation, so a failing
@@ -216,7 +218,7 @@ def train(parts: LoopParts, state: TrainState) -> TrainState:
 
 def _train(parts: LoopParts, state: TrainState, stops: StopRequests) -> TrainState:
     cfg, plan = parts.cfg, parts.plan
-    every_log, every_eval, every_ckpt = cfg.logging.every_steps, cfg.eval.every_steps, cfg.checkpoint.every_steps
+    every_eval, every_ckpt = plan.eval_every_steps, plan.checkpoint_every_steps
     every_seconds = cfg.checkpoint.every_minutes * 60
     stopwatch = Stopwatch(initial=state.elapsed_train_seconds)
     wall_start = time.perf_counter() - state.elapsed_wall_seconds
@@ -297,7 +299,7 @@ def _train(parts: LoopParts, state: TrainState, stops: StopRequests) -> TrainSta
         stop_now, save_now = _agree([float(stops.signal_name is not None), float(time_due)], parts)
         finished = plan.should_stop(state.step, stopwatch.elapsed)
 
-        log_now = state.step % every_log == 0 or state.step == stop_at or stop_now or finished
+        log_now = plan.logs_at(state.step) or state.step == stop_at or stop_now or finished
         if ((log_now or state.step % every_ckpt == 0 or save_now or (host_reads and not bool(finite)))
                 and (back := roll_back_if_due(parts, state, skipped)) is not None):
             last_ckpt, saved_at, last_save_time, last_eval = state.step, back, time.perf_counter(), state.step
@@ -316,6 +318,7 @@ def _train(parts: LoopParts, state: TrainState, stops: StopRequests) -> TrainSta
                 tokens_per_s=window["tokens"] / window["seconds"],
                 mfu=estimate_mfu(parts.flops_per_step, seconds, (parts.peak_flops or 0) * parts.world.world_size),
                 elapsed_train_seconds=stopwatch.elapsed, skipped_steps=skipped_steps,
+                elapsed_seconds=time.perf_counter() - wall_start,  # wall clock since the run began, over resumes
             )
             window.update(loss=torch.zeros((), device=parts.device), targets=torch.zeros((), device=parts.device),
                           steps=0, tokens=0, seconds=0.0)

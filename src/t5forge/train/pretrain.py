@@ -21,7 +21,7 @@ from t5forge.train.checkpoint import Checkpointer
 from t5forge.train.loop import LoopParts, train
 from t5forge.train.metrics_log import peak_flops, t5_flops_per_step
 from t5forge.train.setup import (
-    autocast_for, build_model, enable_fast_math, launch, load_run_tokenizer, open_run_dir, pick_device,
+    autocast_for, build_model, enable_fast_math, launch, load_run_tokenizer, log_device, open_run_dir, pick_device,
     resume_or_seed, start_run_files, training_model,
 )
 
@@ -89,6 +89,7 @@ def _run(cfg: RunConfig, world) -> int:
     from t5forge.plan import make_plan
 
     device = pick_device(cfg.device, world.local_rank)
+    log_device(cfg, device)
     enable_fast_math(device)
     plan = make_plan(cfg, world_size=world.world_size)
     run_dir, resume_from = open_run_dir(cfg)
@@ -111,8 +112,8 @@ def _run(cfg: RunConfig, world) -> int:
     evaluate = None
     if eval_loader is not None:
         evaluate = held_out_evaluator(cfg, eval_loader, model, device, autocast, world)
-    elif world.is_main and cfg.eval.steps > 0:
-        print("no held-out data (data.validation_files is empty): training without evaluation")
+    elif cfg.eval.steps > 0:
+        log.info("no held-out data (data.validation_files is empty): training without evaluation")
 
     parts = LoopParts(
         cfg=cfg, plan=plan, model=training_model(model, cfg, world, device), tokenizer=tokenizer,
@@ -128,6 +129,6 @@ def _run(cfg: RunConfig, world) -> int:
         state = train(parts, state)
     if world.is_main:
         best = f", best eval loss {state.best_eval_loss:.4f} at step {state.best_eval_step}" if state.best_eval_loss else ""
-        print(f"done: {state.step} steps, {state.tokens_seen:,} tokens, "
+        log.info(f"done: {state.step} steps, {state.tokens_seen:,} tokens, "
               f"{state.elapsed_train_seconds:.0f}s of training{best}; checkpoints in {run_dir / 'checkpoints'}")
     return 0

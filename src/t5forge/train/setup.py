@@ -32,6 +32,18 @@ def pick_device(spec: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def log_device(cfg: RunConfig, device: torch.device) -> None:
+    """The console line saying where and in which precision the run computes."""
+    if device.type == "cuda":
+        where = f"{device} ({torch.cuda.get_device_name(device)})"
+    elif device.type == "cpu":
+        where = f"cpu ({torch.get_num_threads()} threads)"
+    else:
+        where = str(device)
+    precision = "bf16 (autocast; fp32 weights and optimizer)" if cfg.precision == "bf16" else cfg.precision
+    log.info("device: %s, precision %s", where, precision)
+
+
 def enable_fast_math(device: torch.device) -> None:
     """TF32 matmuls on Ampere+ GPUs (nanoT5 does the same); fp32 weights and reductions stay fp32.
     On CPU, subnormal floats (below 1.2e-38) are flushed to zero: x86 handles them in microcode,
@@ -64,9 +76,25 @@ def load_run_tokenizer(cfg: RunConfig):
         # The directory load_model will read (a model dir, a checkpoint, a run's newest checkpoint).
         directory = resolve_model_dir(cfg.model.checkpoint_path)
         if any((directory / name).is_file() for name in ("spiece.model", "tokenizer.json")):
-            log.info("tokenizer: %s (from model.checkpoint_path; data.tokenizer is not used)", directory)
-            return load_tokenizer(directory)
-    return load_tokenizer(cfg.data.tokenizer)
+            tokenizer = load_tokenizer(directory)
+            log.info("tokenizer: %s (from model.checkpoint_path; data.tokenizer is not used), %s ids",
+                     directory, f"{tokenizer.vocab_size:,}")
+            return tokenizer
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    log.info("tokenizer: %s (data.tokenizer), %s ids", cfg.data.tokenizer, f"{tokenizer.vocab_size:,}")
+    return tokenizer
+
+
+def weights_source(cfg: RunConfig) -> str:
+    """Where a run's starting weights come from, in words (before a resume replaces them)."""
+    m = cfg.model
+    if m.checkpoint_path:
+        from t5forge.model.load import resolve_model_dir
+
+        return f"{resolve_model_dir(m.checkpoint_path)} (model.checkpoint_path)"
+    if not m.random_init:
+        return f"the released weights of {m.name} (model.random_init=false)"
+    return f"fresh init of the {m.name} architecture (seed {cfg.seed})"
 
 
 def build_model(cfg: RunConfig, tokenizer, device: torch.device) -> torch.nn.Module:
@@ -79,6 +107,7 @@ def build_model(cfg: RunConfig, tokenizer, device: torch.device) -> torch.nn.Mod
     from t5forge.plan import resolve_model_config
 
     m = cfg.model
+    log.info("weights: %s", weights_source(cfg))
     if m.checkpoint_path:
         from t5forge.model.load import load_model
 
@@ -128,6 +157,7 @@ def open_run_dir(cfg: RunConfig):
     run_dir = Path(cfg.out_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise T5ForgeError(f"out_dir={cfg.out_dir} is a file, not a directory; give a directory for the run")
+    log.info("run directory: %s", run_dir)
     run_lock.acquire_for_rank(run_dir)  # one writer per run directory, before anything there is read or removed
     resume_from = resolve_resume(cfg.resume, run_dir)
     if resume_from is None and latest(run_dir) is not None:
@@ -147,6 +177,8 @@ def resume_or_seed(resume_from, cfg: RunConfig, model, optimizer, loader, world)
     from t5forge.train.state import TrainState
 
     if resume_from is None:
+        why = f"resume=auto found no checkpoint in {cfg.out_dir}" if cfg.resume == "auto" else "resume=false"
+        log.info("start: fresh, at step 0 (%s)", why)
         rng.seed_all(cfg.seed + 1 + world.rank)  # dropout differs across ranks
         return TrainState()
     state, rng_state, data_state = load_checkpoint(
@@ -154,8 +186,7 @@ def resume_or_seed(resume_from, cfg: RunConfig, model, optimizer, loader, world)
     )
     loader.load_state_dict(data_state)
     rng.restore(rng_state)
-    if world.is_main:
-        print(f"resumed from {resume_from} at step {state.step}", flush=True)
+    log.info("resumed from %s at step %d (weights, optimizer, data position and RNG states)", resume_from, state.step)
     return state
 
 
@@ -166,8 +197,9 @@ def training_model(model, cfg: RunConfig, world, device):
     from t5forge.train.distributed import wrap_ddp
 
     compiled = compiles(cfg.model, device)
-    if fused.wanted(cfg.model.compile_elementwise, device, compiled):
-        log.info("residual adds, norms and gated activations: torch.compile'd loops (model.compile_elementwise)")
+    elementwise = fused.wanted(cfg.model.compile_elementwise, device, compiled)
+    log.info("compile: %s", compile_note(cfg.model, device, compiled, elementwise))
+    if elementwise:
         model.compile_elementwise(True)
     wrapped = wrap_ddp(model, world, device)
     if not compiled:
@@ -181,6 +213,20 @@ def training_model(model, cfg: RunConfig, world, device):
     return torch.compile(wrapped)
 
 
+def compile_note(model_cfg, device, compiled: bool, elementwise: bool) -> str:
+    """Compiled or eager, and why (the console line of training_model)."""
+    from t5forge.model.fused import MIN_ELEMENTS
+
+    why = "model.compile=" + ("true" if model_cfg.compile else "false") if model_cfg.compile is not None else (
+        f"model.compile=null: {'on' if compiled else 'off'} for {torch.device(device).type}")
+    if compiled:
+        return f"torch.compile of the whole model ({why})"
+    if elementwise and torch.device(device).type == "cpu":
+        return (f"eager ({why}); residual adds, norms and gated activations torch.compile'd on activations of "
+                f"{MIN_ELEMENTS:,}+ elements (model.compile_elementwise)")
+    return f"eager ({why}; model.compile_elementwise off)"
+
+
 def compiles(model_cfg, device) -> bool:
     """model.compile resolved: null = on for CUDA, off elsewhere."""
     if model_cfg.compile is not None:
@@ -189,14 +235,15 @@ def compiles(model_cfg, device) -> bool:
 
 
 def start_run_files(cfg: RunConfig, run_dir, state, resumed: bool, total_steps: int, world, summary: str):
-    """Write config.yaml and print the run summary (rank 0); return the MetricsLogger (a no-op elsewhere)."""
+    """Write config.yaml and log the run summary (rank 0); return the MetricsLogger (a no-op elsewhere)."""
     from t5forge.config import save_config
     from t5forge.train.metrics_log import MetricsLogger
 
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        print(f"run directory: {run_dir}\n{summary}")
+        for line in summary.splitlines():
+            log.info("%s", line)
     return MetricsLogger(
         run_dir, tensorboard=cfg.logging.tensorboard, resume_step=state.step if resumed else None,
         total_steps=total_steps, enabled=world.is_main,
