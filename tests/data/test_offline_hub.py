@@ -40,10 +40,13 @@ def run_cli(argv, capfd):
     code = main(argv)
     elapsed = time.perf_counter() - start
     out, err = capfd.readouterr()
-    return code, out + err, elapsed
+    # stdout holds the run's start-up story (device, run directory, tokenizer): no retry noise there either
+    assert "Retry" not in out and "Traceback" not in out, out
+    return code, err, elapsed
 
 
 def assert_fast_and_quiet(code, output, elapsed):
+    """`output` is stderr: the one error line and nothing else."""
     assert code == 2, output
     assert elapsed < FAST_S, f"took {elapsed:.1f}s"
     assert "Retry" not in output and "Traceback" not in output, output
