@@ -54,23 +54,48 @@ def autocast_for(precision: str, device: torch.device):
     raise T5ForgeError(f"precision={precision!r} is unknown; use bf16 or fp32")
 
 
-def load_run_tokenizer(cfg: RunConfig):
-    """The tokenizer of `data.tokenizer`; with `model.checkpoint_path`, the checkpoint's own when it has one."""
+def starting_weights(cfg: RunConfig):
+    """The directory a run's weights come from: model.checkpoint_path's, or (model.random_init=false)
+    model.name's released weights, a local directory or a Hub download; None for a fresh model.
+    Resolved before the tokenizer is loaded, so a missing starting point is named as such."""
+    from pathlib import Path
+
+    from t5forge.model.load import resolve_model_dir
+
+    m = cfg.model
+    if m.checkpoint_path:
+        return resolve_model_dir(m.checkpoint_path)
+    if m.random_init:
+        return None
+    if Path(m.name).expanduser().exists():
+        return resolve_model_dir(m.name)  # a local directory's own errors say what is wrong with it
+    try:
+        return resolve_model_dir(m.name)
+    except T5ForgeError as err:
+        what, scratch = ("fine-tuning", "fine-tune") if cfg.mode == "ft" else ("this run", "pre-train")
+        raise T5ForgeError(
+            f"{what} starts from pre-trained weights (model.random_init=false), but model.checkpoint_path is not "
+            f"set and model.name={m.name!r} gives none here ({err}). Set model.checkpoint_path=DIR (a t5forge "
+            f"run, checkpoint or HF T5 directory), or model.random_init=true to {scratch} from scratch; "
+            "model.name=<hub id> needs the Hugging Face Hub"
+        ) from None
+
+
+def load_run_tokenizer(cfg: RunConfig, weights=None):
+    """The tokenizer of `data.tokenizer`; the starting weights' own (`weights`, see starting_weights)
+    when that directory holds one."""
     from t5forge.tokenizer import load_tokenizer
 
-    if cfg.model.checkpoint_path:
-        from t5forge.model.load import resolve_model_dir
-
-        # The directory load_model will read (a model dir, a checkpoint, a run's newest checkpoint).
-        directory = resolve_model_dir(cfg.model.checkpoint_path)
-        if any((directory / name).is_file() for name in ("spiece.model", "tokenizer.json")):
-            log.info("tokenizer: %s (from model.checkpoint_path; data.tokenizer is not used)", directory)
-            return load_tokenizer(directory)
+    if weights is not None and any((weights / name).is_file() for name in ("spiece.model", "tokenizer.json")):
+        origin = "model.checkpoint_path" if cfg.model.checkpoint_path else "model.name's weights"
+        log.info("tokenizer: %s (from %s; data.tokenizer is not used)", weights, origin)
+        return load_tokenizer(weights)
     return load_tokenizer(cfg.data.tokenizer)
 
 
-def build_model(cfg: RunConfig, tokenizer, device: torch.device) -> torch.nn.Module:
-    """A fresh T5 (T5's init, seeded by the caller) or the weights of `model.checkpoint_path`.
+def build_model(cfg: RunConfig, tokenizer, device: torch.device, weights=None, vocab_size=None) -> torch.nn.Module:
+    """The weights in `weights` (see starting_weights), or a fresh T5 (T5's init, seeded by the
+    caller) of `vocab_size` embedding rows (the plan's; None: model.name's).
 
     The architecture comes from the checkpoint when there is one; dropout and the attention back end
     always come from the run config, so a fine-tuning run can change them.
@@ -79,24 +104,29 @@ def build_model(cfg: RunConfig, tokenizer, device: torch.device) -> torch.nn.Mod
     from t5forge.plan import resolve_model_config
 
     m = cfg.model
-    if m.checkpoint_path:
+    if weights is not None:
         from t5forge.model.load import load_model
 
-        model, _ = load_model(m.checkpoint_path, dropout_rate=m.dropout_rate, attention_backend=m.attention)
-    elif not m.random_init:
-        from t5forge.model.load import load_model
-
-        # Released weights of model.name (an HF directory, or a Hub id when online).
-        model, _ = load_model(m.name, dropout_rate=m.dropout_rate, attention_backend=m.attention)
+        model, _ = load_model(weights, dropout_rate=m.dropout_rate, attention_backend=m.attention)
     else:
-        model = T5(resolve_model_config(cfg))
+        model = T5(resolve_model_config(cfg, vocab_size=vocab_size))
     if tokenizer.vocab_size > model.config.vocab_size:
         raise T5ForgeError(
-            f"the tokenizer {cfg.data.tokenizer} has {tokenizer.vocab_size} ids but the model's "
+            f"the tokenizer {tokenizer.source} has {tokenizer.vocab_size} ids but the model's "
             f"vocabulary has {model.config.vocab_size} rows; set model.vocab_size >= {tokenizer.vocab_size} "
             "(a multiple of 128 is fastest)"
         )
     return model.to(device)
+
+
+def model_summary(model, plan, tokenizer) -> str:
+    """The run summary's model lines: parameters and, for starting weights, their vocabulary (the
+    plan's summary already names a fresh model's)."""
+    lines = [f"model: {model.num_parameters():,} parameters"]
+    if plan.vocab_size is None:
+        lines.append(f"vocabulary: {model.config.vocab_size:,} rows (the starting weights'; tokenizer: "
+                     f"{tokenizer.vocab_size:,} ids)")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
