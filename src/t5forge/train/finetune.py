@@ -222,7 +222,7 @@ def _run(cfg: RunConfig, world) -> int:
         cfg, run_dir, state, resume_from is not None, plan.total_steps, world,
         f"{plan.summary()}\ndata: {epochs}{len(train_examples)} training examples "
         f"({train_loader.steps_per_epoch} steps per epoch), {held_out}{_packing_note(train_loader)}\n"
-        model_summary(model, plan, tokenizer),
+        + model_summary(model, plan, tokenizer),
     )
     evaluate = None
     if eval_examples:
