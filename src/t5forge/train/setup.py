@@ -69,16 +69,22 @@ def starting_weights(cfg: RunConfig):
         return None
     if Path(m.name).expanduser().exists():
         return resolve_model_dir(m.name)  # a local directory's own errors say what is wrong with it
-    try:
-        return resolve_model_dir(m.name)
-    except T5ForgeError as err:
-        what, scratch = ("fine-tuning", "fine-tune") if cfg.mode == "ft" else ("this run", "pre-train")
-        raise T5ForgeError(
-            f"{what} starts from pre-trained weights (model.random_init=false), but model.checkpoint_path is not "
-            f"set and model.name={m.name!r} gives none here ({err}). Set model.checkpoint_path=DIR (a t5forge "
-            f"run, checkpoint or HF T5 directory), or model.random_init=true to {scratch} from scratch; "
-            "model.name=<hub id> needs the Hugging Face Hub"
-        ) from None
+    if "/" not in m.name:
+        why = "is neither a local directory nor a Hub id (owner/name)"
+    else:
+        try:
+            return resolve_model_dir(m.name)
+        except T5ForgeError as err:
+            cause = err.__context__ or err  # the Hub client's error, behind our message
+            first_line = str(cause).splitlines()[0] if str(cause) else ""
+            why = f"could not be fetched from the Hugging Face Hub ({type(cause).__name__}: {first_line})"
+    what, scratch = ("fine-tuning", "fine-tune") if cfg.mode == "ft" else ("this run", "pre-train")
+    raise T5ForgeError(
+        f"{what} starts from pre-trained weights (model.random_init=false) and model.checkpoint_path is not set: "
+        f"set model.checkpoint_path=DIR (a t5forge run, checkpoint or HF T5 directory), or model.random_init=true "
+        f"to {scratch} from scratch. Without a checkpoint, the weights are model.name's and model.name=<hub id> "
+        f"needs the Hugging Face Hub: model.name={m.name!r} {why}"
+    )
 
 
 def load_run_tokenizer(cfg: RunConfig, weights=None):
