@@ -81,6 +81,18 @@ def count_tokens(batch: dict) -> int:
     return n_in + int((batch["labels"] != -100).sum())
 
 
+def count_examples(batch: dict) -> int:
+    """Examples (input, target pairs) in a micro-batch: rows, or in packed rows their segments, that
+    hold a target token. A fine-tuning step's filler micro-batch (all labels -100) counts none; a
+    packed row counts each example in it."""
+    valid = batch["labels"] != -100
+    if "decoder_segment_ids" in batch:
+        segments = batch["decoder_segment_ids"]  # 1..k within each row (data/packing.py), 0 = padding
+        keys = torch.arange(segments.shape[0]).unsqueeze(1) * (int(segments.max()) + 1) + segments
+        return int(torch.unique(keys[valid]).numel())
+    return int(valid.any(dim=1).sum())
+
+
 def count_targets(batches: list[dict]) -> int:
     """Target tokens (labels != -100) of host micro-batches: no device read."""
     return sum(int((b["labels"] != -100).sum()) for b in batches)
@@ -272,6 +284,7 @@ def _train(parts: LoopParts, state: TrainState, stops: StopRequests) -> TrainSta
             stopwatch.start()
         batches = [next(parts.train_batches) for _ in range(plan.grad_acc)]
         tokens = sum(count_tokens(b) for b in batches)
+        examples = sum(count_examples(b) for b in batches)
         loss_sum, n_targets, grad_norm, finite = train_step(
             parts.model, parts.optimizer, batches, lr, grad_clip=cfg.optim.grad_clip, device=parts.device,
             autocast=parts.autocast, world=parts.world, host_reads=host_reads,
@@ -282,7 +295,6 @@ def _train(parts: LoopParts, state: TrainState, stops: StopRequests) -> TrainSta
 
         state.step += 1
         state.tokens_seen += tokens * parts.world.world_size
-        state.examples_seen += plan.batch_size
         # Skipped steps stay out of the logged loss (it would be NaN until the next log).
         window["loss"] += torch.where(finite, loss_sum, 0.0)
         window["targets"] += finite * n_targets
@@ -294,7 +306,15 @@ def _train(parts: LoopParts, state: TrainState, stops: StopRequests) -> TrainSta
         # Every rank stops (or saves on the clock) at the same step: rank 0's clock decides the
         # time-based saves, any rank's signal the stop.
         time_due = every_seconds > 0 and parts.world.is_main and time.perf_counter() - last_save_time >= every_seconds
-        stop_now, save_now = _agree([float(stops.signal_name is not None), float(time_due)], parts)
+        # Each rank's examples ride along in the same reduction: rank r's count in slot r (the others
+        # 0), so the maximum holds every rank's (the last step of an epoch may be partial, and packing
+        # puts several examples in a row).
+        per_rank = [0.0] * parts.world.world_size
+        per_rank[parts.world.rank] = float(examples)
+        stop_flag, due_flag, *per_rank = host_max(
+            [float(stops.signal_name is not None), float(time_due), *per_rank], parts.world)
+        stop_now, save_now = bool(stop_flag), bool(due_flag)
+        state.examples_seen += int(sum(per_rank))
         finished = plan.should_stop(state.step, stopwatch.elapsed)
 
         log_now = state.step % every_log == 0 or state.step == stop_at or stop_now or finished
