@@ -232,7 +232,7 @@ def _run(cfg: RunConfig, world) -> int:
         print("no held-out data (finetune.validation_files is empty): training without evaluation")
 
     parts = LoopParts(
-        cfg=cfg, plan=plan, model=training_model(model, cfg, world, device), tokenizer=tokenizer,
+        cfg=cfg, plan=plan, model=training_model(model, cfg, world, device, plan), tokenizer=tokenizer,
         optimizer=optimizer, lr_at=lr_at,
         train_batches=_track_epochs(train_loader, state), data_state=train_loader.state_dict,
         restart_data=lambda position: (train_loader.load_state_dict(position), _track_epochs(train_loader, state))[1], evaluate=evaluate,

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from t5forge.errors import RunStopped, T5ForgeError
+from t5forge.model import fused
 from t5forge.optim.schedules import set_lr
 from t5forge.train import rng
 from t5forge.train.checkpoint import Checkpointer, checkpoint_step, unwrap_model
@@ -235,6 +236,7 @@ def _train(parts: LoopParts, state: TrainState, stops: StopRequests) -> TrainSta
     window = {"loss": torch.zeros((), device=parts.device), "targets": torch.zeros((), device=parts.device),
               "steps": 0, "tokens": 0, "seconds": 0.0}
     first_step_of_process = True
+    compiling = compiles(cfg.model, parts.device) or fused.enabled_in(unwrap_model(parts.model))
     skipped = NonfiniteSteps(parts.device, cfg.optim.max_nonfinite_steps)
     host_reads = parts.device.type == "cpu"
     collapse_warned = False
@@ -278,8 +280,9 @@ def _train(parts: LoopParts, state: TrainState, stops: StopRequests) -> TrainSta
     while not plan.should_stop(state.step, stopwatch.elapsed) and state.step != stop_at:
         lr = parts.lr_at(plan.schedule_step(state.step, stopwatch.elapsed)) * state.lr_factor
         t0 = time.perf_counter()
-        # The first step of a compiled model is mostly compilation: keep it off the budget clock.
-        warmup = first_step_of_process and compiles(cfg.model, parts.device)
+        # The first step of a compiled model (or of its compiled elementwise stretches) is mostly
+        # compilation: keep it off the budget clock.
+        warmup = first_step_of_process and compiling
         if not warmup:
             stopwatch.start()
         batches = [next(parts.train_batches) for _ in range(plan.grad_acc)]

@@ -115,7 +115,7 @@ def _run(cfg: RunConfig, world) -> int:
         print("no held-out data (data.validation_files is empty): training without evaluation")
 
     parts = LoopParts(
-        cfg=cfg, plan=plan, model=training_model(model, cfg, world, device), tokenizer=tokenizer,
+        cfg=cfg, plan=plan, model=training_model(model, cfg, world, device, plan), tokenizer=tokenizer,
         optimizer=optimizer, lr_at=lr_at,
         train_batches=iter(train_loader), data_state=train_loader.state_dict,
         restart_data=lambda position: (train_loader.load_state_dict(position), iter(train_loader))[1], evaluate=evaluate,

@@ -192,16 +192,23 @@ def resume_or_seed(resume_from, cfg: RunConfig, model, optimizer, loader, world)
     return state
 
 
-def training_model(model, cfg: RunConfig, world, device):
+def training_model(model, cfg: RunConfig, world, device, plan=None):
     """The module the loop calls: DDP-wrapped under torchrun, compiled with model.compile (null: on CUDA); on CPU
-    without it, the elementwise stretches compiled on their own (model.compile_elementwise)."""
+    without it, the elementwise stretches compiled on their own (model.compile_elementwise; null: when the
+    plan's residual stream, micro-batch x input length x d_model, is large enough to gain from it)."""
     from t5forge.model import fused
     from t5forge.train.distributed import wrap_ddp
 
     compiled = compiles(cfg.model, device)
-    if fused.wanted(cfg.model.compile_elementwise, device, compiled):
+    stream = plan.micro_batch_size * plan.input_length * model.config.d_model if plan is not None else None
+    if fused.wanted(cfg.model.compile_elementwise, device, compiled, stream):
         log.info("residual adds, norms and gated activations: torch.compile'd loops (model.compile_elementwise)")
         model.compile_elementwise(True)
+    elif cfg.model.compile_elementwise is None and device.type == "cpu" and not compiled:
+        log.info("eager: the residual stream (%d x %d x %d = %s elements) is below the %s where compiling the "
+                 "elementwise stretches pays (model.compile_elementwise=true compiles them anyway)",
+                 plan.micro_batch_size, plan.input_length, model.config.d_model, f"{stream:,}",
+                 f"{fused.MIN_ELEMENTS:,}")
     wrapped = wrap_ddp(model, world, device)
     if not compiled:
         return wrapped
