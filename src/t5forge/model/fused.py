@@ -107,9 +107,8 @@ def enabled_in(model) -> bool:
 # Activations smaller than this stay eager. The fused loops save passes over memory, which pays where
 # an activation is a few MB: t5-v1.1-small's 8 x 512 x 512 encoder and 8 x 114 x 512 decoder states
 # (467k elements) go compiled. At the pt_cpu preset's 16 x 128 x 128 (262k) the step time did not
-# move (388 vs 390 ms, interleaved; 0.80 vs 0.78 s of CPU time a step on a busy 2-core host), while
-# its first step paid 23 s of compiling (5.5 s with inductor's cache warm from an earlier run), so
-# there (see `wanted`) nothing is compiled.
+# move (388 vs 390 ms, interleaved) while its first step paid the compile start-up (README,
+# performance section), so there (see `wanted`) nothing is compiled.
 MIN_ELEMENTS = 400_000
 
 
