@@ -24,7 +24,7 @@ def test_count_examples_of_padded_packed_and_filler_micro_batches(sni_train, t5_
     assert counts == [1, 1, 1, 1, 0, 0, 0, 0]
 
 
-def test_finetune_counts_the_examples_of_packed_partial_steps(tmp_path, tiny_model_dir, sni_dir, capsys):
+def test_finetune_counts_the_examples_of_packed_partial_steps(cli_log_handlers, tmp_path, tiny_model_dir, sni_dir, capsys):
     # 12 training examples (3 per task), batch 8 in 4 micro-steps, packed: steps of 8 and 4 examples.
     out = tmp_path / "run"
     assert main(["finetune", "task=ft_tiny", f"out_dir={out}", f"model.checkpoint_path={tiny_model_dir}",

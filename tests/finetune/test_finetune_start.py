@@ -21,7 +21,7 @@ def offline_hub(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
 
 
-def test_ft_without_checkpoint_path_names_the_missing_key(offline_hub, tmp_path, sni_dir, capsys):
+def test_ft_without_checkpoint_path_names_the_missing_key(cli_log_handlers, offline_hub, tmp_path, sni_dir, capsys):
     # The ft preset: model.random_init=false, model.name and data.tokenizer the Hub's google/t5-v1_1-base.
     assert main(["finetune", "task=ft", f"out_dir={tmp_path / 'run'}", f"finetune.sni_dir={sni_dir}"]) == 2
     err = capsys.readouterr().err
@@ -39,7 +39,7 @@ def test_ft_without_checkpoint_path_names_the_missing_key(offline_hub, tmp_path,
     assert "model.name='tiny' is neither a local directory nor a Hub id" in err and "model.random_init=true" in err
 
 
-def test_local_model_dir_as_model_name_starts_the_run(offline_hub, tmp_path, tiny_model_dir, sni_dir, caplog, capsys):
+def test_local_model_dir_as_model_name_starts_the_run(cli_log_handlers, offline_hub, tmp_path, tiny_model_dir, sni_dir, caplog, capsys):
     caplog.set_level(logging.INFO, logger="t5forge")
     out = tmp_path / "run"
     assert main(["finetune", "task=ft_tiny", "model.random_init=false", f"model.name={tiny_model_dir}",
