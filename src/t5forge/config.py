@@ -52,11 +52,13 @@ class ModelConfig:
                                    "for CUDA (as nanoT5 runs), off for CPU (eager; see model.compile_elementwise)")
     compile_elementwise: Optional[bool] = _key(None, "torch.compile only the residual adds, norms and gated "
                                                "activations while training on CPU (model/fused.py); null = on "
-                                               "there unless model.compile")
+                                               "there for a residual stream (micro-batch x input length x "
+                                               "d_model) of 400k+ elements, unless model.compile")
     attention: str = _key("sdpa", "attention back end: sdpa | eager | flex (FlexAttention, GPU training)")
     dropout_rate: float = _key(0.0, "dropout everywhere (nanoT5 overwrites T5's 0.1 with 0.0)")
     # Architecture overrides on top of model.name (null = keep the named architecture's value).
-    vocab_size: Optional[int] = _key(None, "override: embedding rows (>= tokenizer vocab; 32128 for T5)")
+    vocab_size: Optional[int] = _key(None, "override: embedding rows (>= the tokenizer's ids); null = a fresh "
+                                      "model's from the tokenizer, rounded up to a multiple of 128 (T5: 32128)")
     d_model: Optional[int] = _key(None, "override: hidden size")
     d_kv: Optional[int] = _key(None, "override: size of one attention head")
     d_ff: Optional[int] = _key(None, "override: feed-forward inner size")

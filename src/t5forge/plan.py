@@ -3,6 +3,7 @@
     plan = make_plan(cfg, world_size=dist.world_size)
     plan.micro_batch_size, plan.grad_acc        # per rank: micro_batch * grad_acc * world = batch_size
     plan.input_length, plan.target_length       # span corruption: 512 -> (568 raw tokens, 114 targets)
+    plan.vocab_size                             # a fresh model's embedding rows (tokenizer.vocab_size given)
     lr = lr_at(plan.schedule_step(state.step, elapsed_s))   # before each optimizer step
     if plan.should_stop(state.step, elapsed_s): ...
 
@@ -44,6 +45,10 @@ class Plan:
     checkpoint_every_steps: int = 100000
     automatic: tuple = ()  # the config keys whose interval was null (resolved here)
     evaluates: bool = True  # eval.steps > 0
+    # A fresh model's embedding rows and why (fresh_vocab_size); None: the starting weights' own
+    # (or no tokenizer was given to make_plan).
+    vocab_size: Optional[int] = None
+    vocab_reason: str = ""
 
     @property
     def time_driven(self) -> bool:
@@ -104,6 +109,8 @@ class Plan:
             f"steps {self.total_steps} (warmup {self.warmup_steps}), {self.tokens_per_step:,} tokens per step",
             self.intervals_summary(),
         ]
+        if self.vocab_size is not None:
+            lines.append(f"vocabulary: {self.vocab_size:,} rows ({self.vocab_reason})")
         if self.time_driven:
             lines.append(f"time budget {self.time_budget_seconds:.0f}s drives the schedule; stop at whichever ends first")
         return "\n".join(lines)
@@ -154,8 +161,35 @@ def split_batch(batch_size: int, grad_acc: int, world_size: int) -> int:
     )
 
 
-def make_plan(cfg: RunConfig, world_size: int = 1, train_examples: Optional[int] = None) -> Plan:
-    """Derive the plan; `train_examples` (fine-tuning) turns optim.epochs into total_steps."""
+def fresh_vocab_size(cfg: RunConfig, tokenizer_ids: Optional[int]) -> tuple[Optional[int], str]:
+    """(embedding rows, why) of a fresh model: model.vocab_size when set, else the tokenizer's ids
+    rounded up to a multiple of 128 as T5 does (its 32,100 ids -> 32,128 rows), so that a vocabulary
+    trained by `t5forge tokenizer train` sizes the model. (None, "") when the run starts from weights
+    (model.checkpoint_path, or model.random_init=false): they keep their own vocabulary."""
+    from t5forge.data.tokenizer_train import MULTIPLE, rounded_vocab_size
+
+    m = cfg.model
+    if m.checkpoint_path or not m.random_init:
+        return None, ""
+    if m.vocab_size is not None:
+        rows, reason = m.vocab_size, "model.vocab_size"
+    elif tokenizer_ids is None:
+        return None, ""
+    else:
+        rows = rounded_vocab_size(tokenizer_ids)
+        reason = f"tokenizer: {tokenizer_ids:,} ids, rounded up to a multiple of {MULTIPLE}"
+    if tokenizer_ids is not None and rows < tokenizer_ids:
+        raise T5ForgeError(
+            f"model.vocab_size={rows} is smaller than the tokenizer's {tokenizer_ids} ids; set model.vocab_size "
+            f">= {tokenizer_ids} (a multiple of {MULTIPLE} is fastest) or leave it unset to size it from the tokenizer"
+        )
+    return rows, reason
+
+
+def make_plan(cfg: RunConfig, world_size: int = 1, train_examples: Optional[int] = None,
+              tokenizer_ids: Optional[int] = None) -> Plan:
+    """Derive the plan; `train_examples` (fine-tuning) turns optim.epochs into total_steps;
+    `tokenizer_ids` (the run's tokenizer.vocab_size) sizes a fresh model's vocabulary."""
     o = cfg.optim
     micro = split_batch(o.batch_size, o.grad_acc, world_size)
 
@@ -183,6 +217,7 @@ def make_plan(cfg: RunConfig, world_size: int = 1, train_examples: Optional[int]
             f"optim.warmup_steps={o.warmup_steps} must be < the {total_steps} training steps for the "
             f"{o.lr_scheduler} schedule"
         )
+    vocab_size, vocab_reason = fresh_vocab_size(cfg, tokenizer_ids)
     return Plan(
         world_size=world_size,
         batch_size=o.batch_size,
@@ -195,11 +230,14 @@ def make_plan(cfg: RunConfig, world_size: int = 1, train_examples: Optional[int]
         warmup_steps=o.warmup_steps,
         time_budget_seconds=time_budget_seconds(cfg),
         **resolve_intervals(cfg, total_steps, o.warmup_steps),
+        vocab_size=vocab_size,
+        vocab_reason=vocab_reason,
     )
 
 
-def resolve_model_config(cfg: RunConfig):
-    """The T5Config of a fresh model: model.name's architecture + the model.* overrides.
+def resolve_model_config(cfg: RunConfig, vocab_size: Optional[int] = None):
+    """The T5Config of a fresh model: model.name's architecture + the model.* overrides, with
+    `vocab_size` (the plan's, see fresh_vocab_size) embedding rows when given.
 
     model.name is a built-in architecture (T5Config.from_name) or a directory holding an HF
     `config.json` or a t5forge `model_config.json`. A run that starts from model.checkpoint_path
@@ -225,6 +263,8 @@ def resolve_model_config(cfg: RunConfig):
         except T5ForgeError as err:
             raise T5ForgeError(f"model.name={m.name!r}: {err}") from None
     changes = {**m.architecture_overrides(), "dropout_rate": m.dropout_rate, "attention_backend": m.attention}
+    if vocab_size is not None:
+        changes["vocab_size"] = vocab_size
     if "num_layers" in changes and "num_decoder_layers" not in changes:
         changes["num_decoder_layers"] = changes["num_layers"]  # as HF: the decoder follows num_layers
     try:

@@ -35,3 +35,16 @@ def tiny_model_dir(tmp_path_factory, t5_tokenizer):
     directory = tmp_path_factory.mktemp("tiny_model")
     save_model_dir(T5(T5Config.from_name("tiny")), t5_tokenizer, directory)
     return directory
+
+
+@pytest.fixture
+def cli_log_handlers():
+    """Drop the logging handlers a CLI call added to the `t5forge` logger during the test: one made
+    while capsys holds sys.stderr would otherwise write to that closed stream in later tests."""
+    import logging
+
+    logger = logging.getLogger("t5forge")
+    before = list(logger.handlers)
+    yield
+    for handler in [h for h in logger.handlers if h not in before]:
+        logger.removeHandler(handler)

@@ -51,5 +51,8 @@ def test_two_ranks_equal_one_process_with_accumulation(tmp_path, tiny_model_dir,
     wa, wb = load_file(ddp / "checkpoints/step-00000003/model.safetensors"), load_file(single / "checkpoints/step-00000003/model.safetensors")
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)
+    # Both ranks' examples are counted (each trained on 6 of the 12).
+    for run_dir in (ddp, single):
+        assert json.loads((run_dir / "checkpoints/step-00000003/train_state.json").read_text())["examples_seen"] == 12
     preds = [json.loads(l)["id"] for l in (ddp / "eval/step-00000003/predictions.jsonl").read_text().splitlines()]
     assert len(preds) == len(set(preds)) == 15

@@ -116,6 +116,26 @@ def test_on_by_default_for_cpu_training_without_whole_model_compile():
         assert model.encoder.final_norm.compiled is expected and model.decoder.blocks[0].ff.compiled is expected
 
 
+def test_small_runs_like_pt_cpu_stay_eager_and_say_so(caplog):
+    # pt_cpu's residual stream is 16 x 128 x 128 = 262k elements: below MIN_ELEMENTS, so nothing is
+    # compiled (its 1M-element gated activation would be, by the per-tensor rule alone) and its
+    # first step pays no compile start-up; model.compile_elementwise=true still compiles.
+    from t5forge.plan import make_plan, resolve_model_config
+
+    cpu, world = torch.device("cpu"), World()
+    for overrides, expected in (([], False), (["model.compile_elementwise=true"], True)):
+        cfg = load_config(["task=pt_cpu", *overrides])
+        plan = make_plan(cfg, tokenizer_ids=32100)
+        model = T5(resolve_model_config(cfg, plan.vocab_size))
+        with caplog.at_level(logging.INFO, logger="t5forge.train.setup"):
+            training_model(model, cfg, world, cpu, plan)
+        assert fused.enabled_in(model) is expected
+    assert "eager: the residual stream (16 x 128 x 128 = 262,144 elements) is below the 400,000" in caplog.text
+    # nanoT5's t5-v1.1-small shape on CPU (8 x 512 x 512 per micro-batch) compiles them.
+    assert fused.wanted(None, cpu, whole_model_compiled=False, stream_elements=8 * 512 * 512)
+    assert not fused.wanted(None, cpu, whole_model_compiled=False, stream_elements=16 * 128 * 128)
+
+
 def test_a_backend_that_fails_falls_back_to_eager_with_a_warning(caplog):
     stretch = fused.Compiled(fused.gated, backend="no-such-backend")
     gate, linear = torch.randn(4, 8), torch.randn(4, 8)

@@ -12,7 +12,8 @@ residual add + RMSNorm 3.4-4.0 ms against 7.7-9.5 eager, gated GELU 9.7-11.3 ms 
 The whole training step: see the README's performance section.
 
 Used while training on CPU on activations of MIN_ELEMENTS or more (`T5.compile_elementwise(True)`;
-`t5forge pretrain` / `finetune` turn it on there unless model.compile compiles everything); no-grad
+`t5forge pretrain` / `finetune` turn it on there when the residual stream is that large, unless
+model.compile compiles everything; see `wanted`); no-grad
 passes (evaluation, generation) run eager, so decoding does not recompile per step. The formulas
 are HF's T5LayerNorm and gated feed-forward, so results equal the eager path's up to float
 rounding. If compiling fails (e.g. no C++ compiler), a warning says so and the eager path takes
@@ -83,18 +84,31 @@ compiled_add_rms_norm = Compiled(add_rms_norm)
 compiled_gated = Compiled(gated)
 
 
-def wanted(setting: bool | None, device: torch.device, whole_model_compiled: bool) -> bool:
+def wanted(setting: bool | None, device: torch.device, whole_model_compiled: bool,
+           stream_elements: int | None = None) -> bool:
     """model.compile_elementwise resolved: null = on for training on CPU, unless the whole model is
-    compiled (its graph fuses these stretches itself). The stretches run compiled on CPU only."""
+    compiled (its graph fuses these stretches itself) or the run's residual stream (`stream_elements`
+    = micro-batch x input length x d_model, when known) is below MIN_ELEMENTS. The per-tensor rule of
+    use_compiled alone would still compile a small model's gated activation (d_ff wide: pt_cpu's
+    16 x 128 x 512 is 1M elements) and pay the compile start-up for a step time that does not move.
+    The stretches run compiled on CPU only."""
     if setting is not None:
         return setting
+    if stream_elements is not None and stream_elements < MIN_ELEMENTS:
+        return False
     return device.type == "cpu" and not whole_model_compiled
+
+
+def enabled_in(model) -> bool:
+    """Whether `model` (a bare T5) runs its elementwise stretches compiled (T5.compile_elementwise(True))."""
+    return any(getattr(module, "compiled", False) is True for module in model.modules())
 
 
 # Activations smaller than this stay eager. The fused loops save passes over memory, which pays where
 # an activation is a few MB: t5-v1.1-small's 8 x 512 x 512 encoder and 8 x 114 x 512 decoder states
 # (467k elements) go compiled. At the pt_cpu preset's 16 x 128 x 128 (262k) the step time did not
-# move (388 vs 390 ms, interleaved), and a short run there would only pay the ~20 s of compiling.
+# move while its first step paid the compile start-up (benchmarks/performance.md), so there (see
+# `wanted`) nothing is compiled.
 MIN_ELEMENTS = 400_000
 
 

@@ -9,6 +9,7 @@ and `lm_head` is absent (tied to `shared`) unless tie_word_embeddings is False.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -148,6 +149,29 @@ def read_weights(directory: Path, names=("model.safetensors", "pytorch_model.bin
     raise T5ForgeError(f"{directory} holds no weights: expected one of {list(names)}")
 
 
+def write_weights(sd: dict, path: Path) -> None:
+    """Write a state dict as safetensors, readable as a plain open() would make it (0644 under umask
+    022): safetensors' save_file creates the file 0600, which hides a checkpoint or an export from
+    the rest of a group on a shared cluster."""
+    from safetensors.torch import save_file
+
+    save_file(sd, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (Linux /proc), else set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def load_hf(directory, device="cpu", dtype=None, **overrides):
     """(model, tokenizer or None) from an HF T5 directory: config.json + model.safetensors or
     pytorch_model.bin, and spiece.model / tokenizer.json when present. `overrides` replace
@@ -179,13 +203,11 @@ def export_hf(model, tokenizer, directory) -> Path:
     """Write an HF T5 directory that `T5ForConditionalGeneration.from_pretrained` and
     `AutoTokenizer.from_pretrained` load: config.json, model.safetensors, generation_config.json,
     tokenizer files."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config: T5Config = model.config
     sd = {k: v.detach().cpu().contiguous() for k, v in t5forge_to_hf_state_dict(model.state_dict()).items()}
-    save_file(sd, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    write_weights(sd, directory / "model.safetensors")
     (directory / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
     generation = {
         "decoder_start_token_id": config.decoder_start_token_id,

@@ -17,7 +17,7 @@ import torch
 
 from t5forge.errors import T5ForgeError
 from t5forge.model.config import T5Config
-from t5forge.model.hf import load_hf, load_state_dict_strict, read_weights
+from t5forge.model.hf import load_hf, load_state_dict_strict, read_weights, write_weights
 
 WEIGHTS = "model.safetensors"
 CONFIG = "model_config.json"
@@ -40,13 +40,11 @@ def unwrap(model):
 
 def save_model_dir(model, tokenizer, directory) -> Path:
     """Write model.safetensors + model_config.json (+ tokenizer files when a tokenizer is given)."""
-    from safetensors.torch import save_file
-
     model = unwrap(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(directory / WEIGHTS), metadata={"format": "pt"})
+    write_weights(sd, directory / WEIGHTS)
     (directory / CONFIG).write_text(json.dumps(model.config.to_json_dict(), indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save(directory)

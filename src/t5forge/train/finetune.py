@@ -26,8 +26,8 @@ from t5forge.train import rng
 from t5forge.train.checkpoint import Checkpointer
 from t5forge.train.loop import LoopParts, train
 from t5forge.train.setup import (
-    autocast_for, build_model, enable_fast_math, launch, load_run_tokenizer, log_device, open_run_dir, pick_device,
-    resume_or_seed, start_run_files, training_model,
+    autocast_for, build_model, enable_fast_math, launch, load_run_tokenizer, log_device, model_summary, open_run_dir,
+    pick_device, resume_or_seed, start_run_files, starting_weights, training_model,
 )
 from t5forge.train.state import TrainState
 
@@ -202,12 +202,14 @@ def _run(cfg: RunConfig, world) -> int:
     enable_fast_math(device)
     run_dir, resume_from = open_run_dir(cfg)
 
-    tokenizer = load_run_tokenizer(cfg)
+    weights = starting_weights(cfg)
+    tokenizer = load_run_tokenizer(cfg, weights)
     train_examples, eval_examples, eval_name = load_finetune_data(cfg, tokenizer)
-    plan = make_plan(cfg, world_size=world.world_size, train_examples=len(train_examples))
+    plan = make_plan(cfg, world_size=world.world_size, train_examples=len(train_examples),
+                     tokenizer_ids=tokenizer.vocab_size)
 
     rng.seed_all(cfg.seed)  # same initial weights on every rank (a fresh model)
-    model = build_model(cfg, tokenizer, device)
+    model = build_model(cfg, tokenizer, device, weights, plan.vocab_size)
     optimizer = build_optimizer(model, cfg.optim)
     lr_at = build_schedule(cfg.optim, total_steps=plan.total_steps)
     train_loader = build_train_loader(cfg, plan, train_examples, tokenizer, world, device)
@@ -221,7 +223,7 @@ def _run(cfg: RunConfig, world) -> int:
         cfg, run_dir, state, resume_from is not None, plan.total_steps, world,
         f"{plan.summary()}\ndata: {epochs}{len(train_examples)} training examples "
         f"({train_loader.steps_per_epoch} steps per epoch), {held_out}{_packing_note(train_loader)}\n"
-        f"model: {model.num_parameters():,} parameters",
+        + model_summary(model, plan, tokenizer),
     )
     evaluate = None
     if eval_examples:
@@ -231,7 +233,7 @@ def _run(cfg: RunConfig, world) -> int:
         log.info("no held-out data (finetune.validation_files is empty): training without evaluation")
 
     parts = LoopParts(
-        cfg=cfg, plan=plan, model=training_model(model, cfg, world, device), tokenizer=tokenizer,
+        cfg=cfg, plan=plan, model=training_model(model, cfg, world, device, plan), tokenizer=tokenizer,
         optimizer=optimizer, lr_at=lr_at,
         train_batches=_track_epochs(train_loader, state), data_state=train_loader.state_dict,
         restart_data=lambda position: (train_loader.load_state_dict(position), _track_epochs(train_loader, state))[1], evaluate=evaluate,

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from t5forge.errors import RunStopped, T5ForgeError
+from t5forge.model import fused
 from t5forge.optim.schedules import set_lr
 from t5forge.train import rng
 from t5forge.train.checkpoint import Checkpointer, checkpoint_step, unwrap_model
@@ -81,6 +82,18 @@ def count_tokens(batch: dict) -> int:
     else:
         n_in = batch["input_ids"].numel()
     return n_in + int((batch["labels"] != -100).sum())
+
+
+def count_examples(batch: dict) -> int:
+    """Examples (input, target pairs) in a micro-batch: rows, or in packed rows their segments, that
+    hold a target token. A fine-tuning step's filler micro-batch (all labels -100) counts none; a
+    packed row counts each example in it."""
+    valid = batch["labels"] != -100
+    if "decoder_segment_ids" in batch:
+        segments = batch["decoder_segment_ids"]  # 1..k within each row (data/packing.py), 0 = padding
+        keys = torch.arange(segments.shape[0]).unsqueeze(1) * (int(segments.max()) + 1) + segments
+        return int(torch.unique(keys[valid]).numel())
+    return int(valid.any(dim=1).sum())
 
 
 def count_targets(batches: list[dict]) -> int:
@@ -225,6 +238,7 @@ def _train(parts: LoopParts, state: TrainState, stops: StopRequests) -> TrainSta
     window = {"loss": torch.zeros((), device=parts.device), "targets": torch.zeros((), device=parts.device),
               "steps": 0, "tokens": 0, "seconds": 0.0}
     first_step_of_process = True
+    compiling = compiles(cfg.model, parts.device) or fused.enabled_in(unwrap_model(parts.model))
     skipped = NonfiniteSteps(parts.device, cfg.optim.max_nonfinite_steps)
     host_reads = parts.device.type == "cpu"
     collapse_warned = False
@@ -268,12 +282,14 @@ def _train(parts: LoopParts, state: TrainState, stops: StopRequests) -> TrainSta
     while not plan.should_stop(state.step, stopwatch.elapsed) and state.step != stop_at:
         lr = parts.lr_at(plan.schedule_step(state.step, stopwatch.elapsed)) * state.lr_factor
         t0 = time.perf_counter()
-        # The first step of a compiled model is mostly compilation: keep it off the budget clock.
-        warmup = first_step_of_process and compiles(cfg.model, parts.device)
+        # The first step of a compiled model (or of its compiled elementwise stretches) is mostly
+        # compilation: keep it off the budget clock.
+        warmup = first_step_of_process and compiling
         if not warmup:
             stopwatch.start()
         batches = [next(parts.train_batches) for _ in range(plan.grad_acc)]
         tokens = sum(count_tokens(b) for b in batches)
+        examples = sum(count_examples(b) for b in batches)
         loss_sum, n_targets, grad_norm, finite = train_step(
             parts.model, parts.optimizer, batches, lr, grad_clip=cfg.optim.grad_clip, device=parts.device,
             autocast=parts.autocast, world=parts.world, host_reads=host_reads,
@@ -284,7 +300,6 @@ def _train(parts: LoopParts, state: TrainState, stops: StopRequests) -> TrainSta
 
         state.step += 1
         state.tokens_seen += tokens * parts.world.world_size
-        state.examples_seen += plan.batch_size
         # Skipped steps stay out of the logged loss (it would be NaN until the next log).
         window["loss"] += torch.where(finite, loss_sum, 0.0)
         window["targets"] += finite * n_targets
@@ -296,7 +311,15 @@ def _train(parts: LoopParts, state: TrainState, stops: StopRequests) -> TrainSta
         # Every rank stops (or saves on the clock) at the same step: rank 0's clock decides the
         # time-based saves, any rank's signal the stop.
         time_due = every_seconds > 0 and parts.world.is_main and time.perf_counter() - last_save_time >= every_seconds
-        stop_now, save_now = _agree([float(stops.signal_name is not None), float(time_due)], parts)
+        # Each rank's examples ride along in the same reduction: rank r's count in slot r (the others
+        # 0), so the maximum holds every rank's (the last step of an epoch may be partial, and packing
+        # puts several examples in a row).
+        per_rank = [0.0] * parts.world.world_size
+        per_rank[parts.world.rank] = float(examples)
+        stop_flag, due_flag, *per_rank = host_max(
+            [float(stops.signal_name is not None), float(time_due), *per_rank], parts.world)
+        stop_now, save_now = bool(stop_flag), bool(due_flag)
+        state.examples_seen += int(sum(per_rank))
         finished = plan.should_stop(state.step, stopwatch.elapsed)
 
         log_now = plan.logs_at(state.step) or state.step == stop_at or stop_now or finished

@@ -21,8 +21,8 @@ from t5forge.train.checkpoint import Checkpointer
 from t5forge.train.loop import LoopParts, train
 from t5forge.train.metrics_log import peak_flops, t5_flops_per_step
 from t5forge.train.setup import (
-    autocast_for, build_model, enable_fast_math, launch, load_run_tokenizer, log_device, open_run_dir, pick_device,
-    resume_or_seed, start_run_files, training_model,
+    autocast_for, build_model, enable_fast_math, launch, load_run_tokenizer, log_device, model_summary, open_run_dir,
+    pick_device, resume_or_seed, start_run_files, starting_weights, training_model,
 )
 
 log = logging.getLogger(__name__)
@@ -91,24 +91,25 @@ def _run(cfg: RunConfig, world) -> int:
     device = pick_device(cfg.device, world.local_rank)
     log_device(cfg, device)
     enable_fast_math(device)
-    plan = make_plan(cfg, world_size=world.world_size)
+    weights = starting_weights(cfg)
+    tokenizer = load_run_tokenizer(cfg, weights)
+    plan = make_plan(cfg, world_size=world.world_size, tokenizer_ids=tokenizer.vocab_size)
     run_dir, resume_from = open_run_dir(cfg)
 
-    tokenizer = load_run_tokenizer(cfg)
     # Data before the model: a wrong path fails in seconds, not after initialising 248M parameters.
     train_loader = build_loader(cfg, plan, tokenizer, world, "train")
     eval_loader = build_loader(cfg, plan, tokenizer, world, "validation") if cfg.eval.steps > 0 else None
     if eval_loader is not None:
         check_held_out(eval_loader, cfg)
     rng.seed_all(cfg.seed)  # same initial weights on every rank
-    model = build_model(cfg, tokenizer, device)
+    model = build_model(cfg, tokenizer, device, weights, plan.vocab_size)
     optimizer = build_optimizer(model, cfg.optim)
     lr_at = build_schedule(cfg.optim, total_steps=plan.total_steps)
     state = resume_or_seed(resume_from, cfg, model, optimizer, train_loader, world)
 
     autocast = autocast_for(cfg.precision, device)
     logger = start_run_files(cfg, run_dir, state, resume_from is not None, plan.total_steps, world,
-                             f"{plan.summary()}\nmodel: {model.num_parameters():,} parameters")
+                             f"{plan.summary()}\n{model_summary(model, plan, tokenizer)}")
     evaluate = None
     if eval_loader is not None:
         evaluate = held_out_evaluator(cfg, eval_loader, model, device, autocast, world)
@@ -116,7 +117,7 @@ def _run(cfg: RunConfig, world) -> int:
         log.info("no held-out data (data.validation_files is empty): training without evaluation")
 
     parts = LoopParts(
-        cfg=cfg, plan=plan, model=training_model(model, cfg, world, device), tokenizer=tokenizer,
+        cfg=cfg, plan=plan, model=training_model(model, cfg, world, device, plan), tokenizer=tokenizer,
         optimizer=optimizer, lr_at=lr_at,
         train_batches=iter(train_loader), data_state=train_loader.state_dict,
         restart_data=lambda position: (train_loader.load_state_dict(position), iter(train_loader))[1], evaluate=evaluate,

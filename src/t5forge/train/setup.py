@@ -66,39 +66,68 @@ def autocast_for(precision: str, device: torch.device):
     raise T5ForgeError(f"precision={precision!r} is unknown; use bf16 or fp32")
 
 
-def load_run_tokenizer(cfg: RunConfig):
-    """The tokenizer of `data.tokenizer`; with `model.checkpoint_path`, the checkpoint's own when it has one."""
+def starting_weights(cfg: RunConfig):
+    """The directory a run's weights come from: model.checkpoint_path's, or (model.random_init=false)
+    model.name's released weights, a local directory or a Hub download; None for a fresh model.
+    Resolved before the tokenizer is loaded, so a missing starting point is named as such."""
+    from pathlib import Path
+
+    from t5forge.model.load import resolve_model_dir
+
+    m = cfg.model
+    if m.checkpoint_path:
+        return resolve_model_dir(m.checkpoint_path)
+    if m.random_init:
+        return None
+    if Path(m.name).expanduser().exists():
+        return resolve_model_dir(m.name)  # a local directory's own errors say what is wrong with it
+    if "/" not in m.name:
+        why = "is neither a local directory nor a Hub id (owner/name)"
+    else:
+        try:
+            return resolve_model_dir(m.name)
+        except T5ForgeError as err:
+            cause = err.__context__ or err  # the Hub client's error, behind our message
+            first_line = str(cause).splitlines()[0] if str(cause) else ""
+            why = f"could not be fetched from the Hugging Face Hub ({type(cause).__name__}: {first_line})"
+    what, scratch = ("fine-tuning", "fine-tune") if cfg.mode == "ft" else ("this run", "pre-train")
+    raise T5ForgeError(
+        f"{what} starts from pre-trained weights (model.random_init=false) and model.checkpoint_path is not set: "
+        f"set model.checkpoint_path=DIR (a t5forge run, checkpoint or HF T5 directory), or model.random_init=true "
+        f"to {scratch} from scratch. Without a checkpoint, the weights are model.name's and model.name=<hub id> "
+        f"needs the Hugging Face Hub: model.name={m.name!r} {why}"
+    )
+
+
+def load_run_tokenizer(cfg: RunConfig, weights=None):
+    """The tokenizer of `data.tokenizer`; the starting weights' own (`weights`, see starting_weights)
+    when that directory holds one."""
     from t5forge.tokenizer import load_tokenizer
 
-    if cfg.model.checkpoint_path:
-        from t5forge.model.load import resolve_model_dir
-
-        # The directory load_model will read (a model dir, a checkpoint, a run's newest checkpoint).
-        directory = resolve_model_dir(cfg.model.checkpoint_path)
-        if any((directory / name).is_file() for name in ("spiece.model", "tokenizer.json")):
-            tokenizer = load_tokenizer(directory)
-            log.info("tokenizer: %s (from model.checkpoint_path; data.tokenizer is not used), %s ids",
-                     directory, f"{tokenizer.vocab_size:,}")
-            return tokenizer
+    if weights is not None and any((weights / name).is_file() for name in ("spiece.model", "tokenizer.json")):
+        origin = "model.checkpoint_path" if cfg.model.checkpoint_path else "model.name's weights"
+        tokenizer = load_tokenizer(weights)
+        log.info("tokenizer: %s (from %s; data.tokenizer is not used), %s ids", weights, origin,
+                 f"{tokenizer.vocab_size:,}")
+        return tokenizer
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     log.info("tokenizer: %s (data.tokenizer), %s ids", cfg.data.tokenizer, f"{tokenizer.vocab_size:,}")
     return tokenizer
 
 
-def weights_source(cfg: RunConfig) -> str:
+def weights_source(cfg: RunConfig, weights=None) -> str:
     """Where a run's starting weights come from, in words (before a resume replaces them)."""
     m = cfg.model
     if m.checkpoint_path:
-        from t5forge.model.load import resolve_model_dir
-
-        return f"{resolve_model_dir(m.checkpoint_path)} (model.checkpoint_path)"
-    if not m.random_init:
-        return f"the released weights of {m.name} (model.random_init=false)"
+        return f"{weights} (model.checkpoint_path)"
+    if weights is not None:
+        return f"the released weights of {m.name} ({weights}; model.random_init=false)"
     return f"fresh init of the {m.name} architecture (seed {cfg.seed})"
 
 
-def build_model(cfg: RunConfig, tokenizer, device: torch.device) -> torch.nn.Module:
-    """A fresh T5 (T5's init, seeded by the caller) or the weights of `model.checkpoint_path`.
+def build_model(cfg: RunConfig, tokenizer, device: torch.device, weights=None, vocab_size=None) -> torch.nn.Module:
+    """The weights in `weights` (see starting_weights), or a fresh T5 (T5's init, seeded by the
+    caller) of `vocab_size` embedding rows (the plan's; None: model.name's).
 
     The architecture comes from the checkpoint when there is one; dropout and the attention back end
     always come from the run config, so a fine-tuning run can change them.
@@ -107,25 +136,30 @@ def build_model(cfg: RunConfig, tokenizer, device: torch.device) -> torch.nn.Mod
     from t5forge.plan import resolve_model_config
 
     m = cfg.model
-    log.info("weights: %s", weights_source(cfg))
-    if m.checkpoint_path:
+    log.info("weights: %s", weights_source(cfg, weights))
+    if weights is not None:
         from t5forge.model.load import load_model
 
-        model, _ = load_model(m.checkpoint_path, dropout_rate=m.dropout_rate, attention_backend=m.attention)
-    elif not m.random_init:
-        from t5forge.model.load import load_model
-
-        # Released weights of model.name (an HF directory, or a Hub id when online).
-        model, _ = load_model(m.name, dropout_rate=m.dropout_rate, attention_backend=m.attention)
+        model, _ = load_model(weights, dropout_rate=m.dropout_rate, attention_backend=m.attention)
     else:
-        model = T5(resolve_model_config(cfg))
+        model = T5(resolve_model_config(cfg, vocab_size=vocab_size))
     if tokenizer.vocab_size > model.config.vocab_size:
         raise T5ForgeError(
-            f"the tokenizer {cfg.data.tokenizer} has {tokenizer.vocab_size} ids but the model's "
+            f"the tokenizer {tokenizer.source} has {tokenizer.vocab_size} ids but the model's "
             f"vocabulary has {model.config.vocab_size} rows; set model.vocab_size >= {tokenizer.vocab_size} "
             "(a multiple of 128 is fastest)"
         )
     return model.to(device)
+
+
+def model_summary(model, plan, tokenizer) -> str:
+    """The run summary's model lines: parameters and, for starting weights, their vocabulary (the
+    plan's summary already names a fresh model's)."""
+    lines = [f"model: {model.num_parameters():,} parameters"]
+    if plan.vocab_size is None:
+        lines.append(f"vocabulary: {model.config.vocab_size:,} rows (the starting weights'; tokenizer: "
+                     f"{tokenizer.vocab_size:,} ids)")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,15 +224,17 @@ def resume_or_seed(resume_from, cfg: RunConfig, model, optimizer, loader, world)
     return state
 
 
-def training_model(model, cfg: RunConfig, world, device):
+def training_model(model, cfg: RunConfig, world, device, plan=None):
     """The module the loop calls: DDP-wrapped under torchrun, compiled with model.compile (null: on CUDA); on CPU
-    without it, the elementwise stretches compiled on their own (model.compile_elementwise)."""
+    without it, the elementwise stretches compiled on their own (model.compile_elementwise; null: when the
+    plan's residual stream, micro-batch x input length x d_model, is large enough to gain from it)."""
     from t5forge.model import fused
     from t5forge.train.distributed import wrap_ddp
 
     compiled = compiles(cfg.model, device)
-    elementwise = fused.wanted(cfg.model.compile_elementwise, device, compiled)
-    log.info("compile: %s", compile_note(cfg.model, device, compiled, elementwise))
+    stream = plan.micro_batch_size * plan.input_length * model.config.d_model if plan is not None else None
+    elementwise = fused.wanted(cfg.model.compile_elementwise, device, compiled, stream)
+    log.info("compile: %s", compile_note(cfg.model, device, compiled, elementwise, stream))
     if elementwise:
         model.compile_elementwise(True)
     wrapped = wrap_ddp(model, world, device)
@@ -213,7 +249,7 @@ def training_model(model, cfg: RunConfig, world, device):
     return torch.compile(wrapped)
 
 
-def compile_note(model_cfg, device, compiled: bool, elementwise: bool) -> str:
+def compile_note(model_cfg, device, compiled: bool, elementwise: bool, stream: int | None = None) -> str:
     """Compiled or eager, and why (the console line of training_model)."""
     from t5forge.model.fused import MIN_ELEMENTS
 
@@ -224,6 +260,11 @@ def compile_note(model_cfg, device, compiled: bool, elementwise: bool) -> str:
     if elementwise and torch.device(device).type == "cpu":
         return (f"eager ({why}); residual adds, norms and gated activations torch.compile'd on activations of "
                 f"{MIN_ELEMENTS:,}+ elements (model.compile_elementwise)")
+    if (model_cfg.compile_elementwise is None and torch.device(device).type == "cpu" and stream is not None
+            and stream < MIN_ELEMENTS):
+        return (f"eager ({why}); the elementwise stretches too: the residual stream ({stream:,} elements a "
+                f"micro-batch) is below the {MIN_ELEMENTS:,} where compiling them pays "
+                "(model.compile_elementwise=true compiles them anyway)")
     return f"eager ({why}; model.compile_elementwise off)"
 
 

@@ -23,7 +23,7 @@ FORMAT_VERSION = 1
 class TrainState:
     step: int = 0  # optimizer steps completed
     tokens_seen: int = 0  # encoder input tokens + decoder target tokens fed to the model
-    examples_seen: int = 0  # sequences (input, target pairs) fed to the model
+    examples_seen: int = 0  # examples (input, target pairs) trained on, all ranks; packed rows count each
     # Time counted against optim.time_budget: training steps only, without compile warm-up,
     # evaluation or checkpoint writing (see timing.Stopwatch).
     elapsed_train_seconds: float = 0.0
