@@ -140,7 +140,7 @@ class LoggingConfig:
     weights_l2: bool = _key(True, "log the weight norm")
     tensorboard: bool = _key(False, "also write TensorBoard events to out_dir/tensorboard")
     wandb: bool = _key(False, "also log config and metrics to Weights & Biases (pip install wandb; WANDB_MODE=offline "
-                       "logs into out_dir/wandb for `wandb sync`); a resumed run continues the same W&B run")
+                       "needs no account); a resumed run continues the same W&B run")
     wandb_project: str = _key("t5forge", "W&B project (the entity from WANDB_ENTITY or your W&B default)")
 
 
