@@ -113,7 +113,7 @@ def launch(cfg: RunConfig, run) -> int:
         if cfg.logging.wandb and world.is_main:
             from t5forge.train.wandb_sink import check_usable
 
-            check_usable()  # before data and model: a missing wandb or login fails in a second
+            check_usable()  # a missing wandb or W&B login fails before data and model are loaded
         return run(cfg, world)
     finally:
         shutdown(world)
