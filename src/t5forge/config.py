@@ -147,8 +147,9 @@ class LoggingConfig:
     grad_l2: bool = _key(True, "log the gradient norm")
     weights_l2: bool = _key(True, "log the weight norm")
     tensorboard: bool = _key(False, "also write TensorBoard events to out_dir/tensorboard")
-    wandb: bool = _key(False, "also log to Weights & Biases (needs wandb installed)")
-    wandb_project: str = _key("t5forge", "W&B project")
+    wandb: bool = _key(False, "also log config and metrics to Weights & Biases (pip install wandb; WANDB_MODE=offline "
+                       "needs no account); a resumed run continues the same W&B run")
+    wandb_project: str = _key("t5forge", "W&B project (the entity from WANDB_ENTITY or your W&B default)")
 
 
 @dataclass(frozen=True)

@@ -81,10 +81,11 @@ def truncate_metrics(path: str | Path, last_step: int) -> int:
 
 
 class MetricsLogger:
-    """Writes metrics to `RUN_DIR/metrics.jsonl`, TensorBoard (`RUN_DIR/tensorboard/`) and the console.
+    """Writes metrics to `RUN_DIR/metrics.jsonl`, TensorBoard (`RUN_DIR/tensorboard/`), W&B and the console.
 
     `resume_step=None` starts a fresh history (an older metrics.jsonl is replaced); an integer keeps
     the records up to that step. `enabled=False` (ranks other than 0) makes every call a no-op.
+    `wandb={"project": ..., "config": {...}}` also logs to Weights & Biases (see wandb_sink).
     The console shows a tqdm bar with ETA on a terminal, and one plain line per log call otherwise.
     """
 
@@ -97,10 +98,11 @@ class MetricsLogger:
         total_steps: int | None = None,
         progress: bool = True,
         enabled: bool = True,
+        wandb: dict | None = None,
     ):
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS_FILE
-        self._file = self._writer = self._bar = None
+        self._file = self._writer = self._bar = self._wandb = None
         self._evals: dict[int, dict] = {}  # step -> eval record kept from the history
         if not enabled:
             return
@@ -125,6 +127,14 @@ class MetricsLogger:
             # for a fresh start), matching what happens to metrics.jsonl.
             purge = 0 if resume_step is None else resume_step + 1
             self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
+        if wandb is not None:  # {"project": ..., "config": {...}}: see wandb_sink
+            from t5forge.train.wandb_sink import WandbSink
+
+            try:
+                self._wandb = WandbSink(run_dir, **wandb, resume_step=resume_step)
+            except BaseException:
+                self.close()
+                raise
         if progress and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -143,6 +153,8 @@ class MetricsLogger:
             for key, value in record.items():
                 if key not in ("step", "kind", "time") and isinstance(value, (int, float)):
                     self._writer.add_scalar(f"{kind}/{key}", value, int(step))
+        if self._wandb is not None:
+            self._wandb.log(record)
         self._show(record)
         return record
 
@@ -174,20 +186,23 @@ class MetricsLogger:
         elif self._console:
             print(f"step {record['step']} {record['kind']}: {_short(shown)}", file=sys.stderr, flush=True)
 
-    def close(self) -> None:
+    def close(self, exc: BaseException | None = None) -> None:
+        """Close every sink; `exc` (what ended the run, if anything) marks the W&B run stopped or failed."""
         if self._bar is not None:
             self._bar.close()
         if self._writer is not None:
             self._writer.close()
         if self._file is not None:
             self._file.close()
-        self._file = self._writer = self._bar = None
+        wandb, self._file, self._writer, self._bar, self._wandb = self._wandb, None, None, None, None
+        if wandb is not None:  # last: the local files are closed even if W&B fails to finish
+            wandb.finish(exc, self._evals.values())
 
     def __enter__(self) -> "MetricsLogger":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self.close(exc)
 
 
 _SHORT_NAMES = {"tokens_per_s": "tok/s", "seconds_per_step": "s/step", "grad_norm": "gnorm"}

@@ -176,6 +176,10 @@ def launch(cfg: RunConfig, run) -> int:
     on_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     world = init_world("cuda" if on_gpu else "cpu")
     try:
+        if cfg.logging.wandb and world.is_main:
+            from t5forge.train.wandb_sink import check_usable
+
+            check_usable()  # a missing wandb or W&B login fails before data and model are loaded
         return run(cfg, world)
     finally:
         shutdown(world)
@@ -277,7 +281,7 @@ def compiles(model_cfg, device) -> bool:
 
 def start_run_files(cfg: RunConfig, run_dir, state, resumed: bool, total_steps: int, world, summary: str):
     """Write config.yaml and log the run summary (rank 0); return the MetricsLogger (a no-op elsewhere)."""
-    from t5forge.config import save_config
+    from t5forge.config import config_to_dict, run_definition, save_config
     from t5forge.train.metrics_log import MetricsLogger
 
     if world.is_main:
@@ -288,4 +292,5 @@ def start_run_files(cfg: RunConfig, run_dir, state, resumed: bool, total_steps: 
     return MetricsLogger(
         run_dir, tensorboard=cfg.logging.tensorboard, resume_step=state.step if resumed else None,
         total_steps=total_steps, enabled=world.is_main,
+        wandb={"project": cfg.logging.wandb_project, "config": config_to_dict(run_definition(cfg))} if cfg.logging.wandb else None,
     )
