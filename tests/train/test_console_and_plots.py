@@ -130,3 +130,25 @@ def test_t5forge_warnings_read_as_warning_lines(t5forge_logger, capsys):
     warnings.showwarning("skipping damaged checkpoint x", UserWarning, ours, 113)
     err = capsys.readouterr().err
     assert err == "warning: skipping damaged checkpoint x\n"  # no file:line, no source line
+
+
+def test_held_out_data_that_ends_early_is_said_once(tmp_path, data_dir, capsys):
+    import gzip
+    import json
+
+    # Three real C4 documents: far fewer 64-token held-out batches of 4 than eval.steps=50 asks for.
+    with gzip.open(data_dir / "c4-sample" / "c4-en.olmo-sample-1000.json.gz", "rt") as f:
+        docs = [json.loads(next(f)) for _ in range(3)]
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    args = run_args(tmp_path / "run", data_dir, "eval.steps=50", "optim.total_steps=6", "optim.warmup_steps=1",
+                    "eval.every_steps=3")
+    args = [a if not a.startswith("data.validation_files=") else f"data.validation_files=[{small}]" for a in args]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    warnings_said = [line for line in err.splitlines() if "ends early" in line]
+    assert len(warnings_said) == 1, err  # evaluated at steps 3 and 6, said once
+    assert f"held-out data {small} ends early: each evaluation scores" in warnings_said[0]
+    assert "of this process's 50 batches (eval.steps=50)" in warnings_said[0]
+    scored = int(warnings_said[0].split("each evaluation scores ")[1].split()[0])
+    assert 1 <= scored < 50

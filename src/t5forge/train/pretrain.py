@@ -73,9 +73,27 @@ def held_out_evaluator(cfg: RunConfig, loader, model, device, autocast, world):
     of W takes batches r, r + W, ... and the sums are all-reduced."""
     from t5forge.eval.loss import evaluate_loss
 
+    share = len(range(world.rank, cfg.eval.steps, world.world_size))  # this rank's batches when the data suffices
+    warned = []
+
     def evaluate(step: int) -> dict:
-        batches = itertools.islice(iter(loader), world.rank, cfg.eval.steps, world.world_size)
-        return evaluate_loss(model, batches, device, autocast=autocast, world=world)
+        scored = [0]
+
+        def counted():
+            for batch in itertools.islice(iter(loader), world.rank, cfg.eval.steps, world.world_size):
+                scored[0] += 1
+                yield batch
+
+        metrics = evaluate_loss(model, counted(), device, autocast=autocast, world=world)
+        if scored[0] < share and not warned:
+            # Said once: the held-out set is the same at every evaluation, so is the shortfall.
+            where = ", ".join(cfg.data.validation_files) or f"{cfg.data.dataset} (validation split)"
+            rank = f" on rank {world.rank}" if world.world_size > 1 else ""
+            log.warning("held-out data %s ends early: each evaluation scores %d of this process's %d batches%s "
+                        "(eval.steps=%d); give more data.validation_files or lower eval.steps",
+                        where, scored[0], share, rank, cfg.eval.steps)
+            warned.append(True)
+        return metrics
 
     return evaluate
 
