@@ -15,7 +15,7 @@ import torch
 from t5forge.cli import main
 from t5forge.hub import OFFLINE_SWITCHES, offline_reason
 
-FAST_S = 15  # `datasets` alone spends ~24 s retrying before its error; the probe gives up after 3 s
+FAST_S = 15  # well above the probe's PROBE_TIMEOUT_S, well below `datasets`' own retries before its error
 
 
 @pytest.fixture
