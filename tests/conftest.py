@@ -31,3 +31,34 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def spiece_path(data_dir) -> Path:
     return data_dir / "t5-spiece" / "spiece.model"
+
+
+@pytest.fixture(scope="session")
+def c4_pretrain_args(data_dir, spiece_path):
+    """c4_pretrain_args(out_dir, *extra) -> argv after `t5forge`: a pt_tiny pre-training run on the real
+    C4 sample (train and held-out files) with T5's vocabulary; `extra` items come last and win."""
+    c4 = data_dir / "c4-sample"
+
+    def args(out_dir, *extra):
+        return [
+            "pretrain", "task=pt_tiny", f"out_dir={out_dir}", f"data.tokenizer={spiece_path}",
+            f"data.train_files=[{c4 / 'c4-en.train-00000-first1000.json.gz'}]",
+            f"data.validation_files=[{c4 / 'c4-en.olmo-sample-1000.json.gz'}]",
+            *extra,
+        ]
+
+    return args
+
+
+@pytest.fixture
+def tiny_pretrain_args(c4_pretrain_args):
+    """tiny_pretrain_args(out_dir, *extra) -> argv after `t5forge`: 6 steps of c4_pretrain_args, every
+    hook firing (log every step, eval and checkpoint every 3)."""
+
+    def args(out_dir, *extra):
+        return c4_pretrain_args(
+            out_dir, "optim.total_steps=6", "eval.every_steps=3", "eval.steps=1", "checkpoint.every_steps=3",
+            "logging.every_steps=1", *extra,
+        )
+
+    return args

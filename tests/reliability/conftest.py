@@ -53,24 +53,6 @@ def start_t5forge():
 
 
 @pytest.fixture
-def tiny_pretrain_args(data_dir):
-    """tiny_pretrain_args(out_dir, *extra) -> argv after `t5forge`: a pt_tiny pre-training run."""
-    c4 = data_dir / "c4-sample"
-
-    def args(out_dir, *extra):
-        return [
-            "pretrain", "task=pt_tiny", f"out_dir={out_dir}",
-            f"data.tokenizer={data_dir / 't5-spiece' / 'spiece.model'}",
-            f"data.train_files=[{c4 / 'c4-en.train-00000-first1000.json.gz'}]",
-            f"data.validation_files=[{c4 / 'c4-en.olmo-sample-1000.json.gz'}]",
-            "optim.total_steps=6", "eval.every_steps=3", "eval.steps=1", "checkpoint.every_steps=3",
-            "logging.every_steps=1", *extra,
-        ]
-
-    return args
-
-
-@pytest.fixture
 def read_metrics():
     """read_metrics(run_dir) -> the records of RUN_DIR/metrics.jsonl."""
 

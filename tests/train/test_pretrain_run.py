@@ -8,24 +8,13 @@ from t5forge.cli import main
 from t5forge.config import config_to_yaml, load_config
 
 
-def run_args(out_dir, data_dir, *extra):
-    d = data_dir
-    return [
-        "pretrain", "task=pt_tiny", f"out_dir={out_dir}",
-        f"data.tokenizer={d / 't5-spiece' / 'spiece.model'}",
-        f"data.train_files=[{d / 'c4-sample' / 'c4-en.train-00000-first1000.json.gz'}]",
-        f"data.validation_files=[{d / 'c4-sample' / 'c4-en.olmo-sample-1000.json.gz'}]",
-        *extra,
-    ]
-
-
 def records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_time_budget_ends_run_with_checkpoint(tmp_path, data_dir):
+def test_time_budget_ends_run_with_checkpoint(tmp_path, c4_pretrain_args):
     out = tmp_path / "run"
-    assert main(run_args(out, data_dir, "optim.total_steps=100000", "optim.time_budget=6s",
+    assert main(c4_pretrain_args(out, "optim.total_steps=100000", "optim.time_budget=6s",
                          "eval.every_steps=100000", "checkpoint.every_steps=100000")) == 0
     train = [r for r in records(out) if r["kind"] == "train"]
     last = train[-1]
@@ -43,15 +32,15 @@ def test_time_budget_ends_run_with_checkpoint(tmp_path, data_dir):
     assert [r["step"] for r in records(out) if r["kind"] == "eval"] == [last["step"]]
 
 
-def test_saved_config_reproduces_run_and_plots(tmp_path, data_dir, capsys):
+def test_saved_config_reproduces_run_and_plots(tmp_path, c4_pretrain_args, capsys):
     out = tmp_path / "run"
-    assert main(run_args(out, data_dir, "optim.total_steps=4", "eval.every_steps=2", "checkpoint.every_steps=2")) == 0
+    assert main(c4_pretrain_args(out, "optim.total_steps=4", "eval.every_steps=2", "checkpoint.every_steps=2")) == 0
     steps = [(r["kind"], r["step"]) for r in records(out)]
     assert steps == [("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("train", 4), ("eval", 4)]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
 
     saved = load_config([f"config={out / 'config.yaml'}"])
-    assert config_to_yaml(saved) == config_to_yaml(load_config(run_args(out, data_dir, "optim.total_steps=4",
+    assert config_to_yaml(saved) == config_to_yaml(load_config(c4_pretrain_args(out, "optim.total_steps=4",
         "eval.every_steps=2", "checkpoint.every_steps=2")[1:]))
 
     assert main(["plot", str(out)]) == 0
@@ -60,6 +49,6 @@ def test_saved_config_reproduces_run_and_plots(tmp_path, data_dir, capsys):
 
     # Starting again in the same directory without resume is refused, naming the way out.
     capsys.readouterr()
-    assert main(run_args(out, data_dir, "optim.total_steps=4")) == 2
+    assert main(c4_pretrain_args(out, "optim.total_steps=4")) == 2
     err = capsys.readouterr().err
     assert "resume=auto" in err and err.count("\n") == 1

@@ -101,15 +101,10 @@ def wandb_env(tmp_path, **extra) -> dict:
     return env
 
 
-def tiny_pretrain(data_dir, out_dir, *extra) -> list[str]:
-    c4 = data_dir / "c4-sample"
-    return [
-        "pretrain", "task=pt_tiny", f"out_dir={out_dir}", f"data.tokenizer={data_dir / 't5-spiece' / 'spiece.model'}",
-        f"data.train_files=[{c4 / 'c4-en.train-00000-first1000.json.gz'}]",
-        f"data.validation_files=[{c4 / 'c4-en.olmo-sample-1000.json.gz'}]",
-        "optim.total_steps=6", "eval.every_steps=3", "eval.steps=1", "checkpoint.every_steps=3",
-        "logging.every_steps=1", "logging.wandb=true", "logging.wandb_project=t5forge-tests", *extra,
-    ]
+@pytest.fixture
+def tiny_pretrain(tiny_pretrain_args):
+    return lambda out_dir, *extra: tiny_pretrain_args(
+        out_dir, "logging.wandb=true", "logging.wandb_project=t5forge-tests", *extra)
 
 
 @pytest.fixture
@@ -123,9 +118,10 @@ def offline_wandb(tmp_path, monkeypatch):
     wandb.teardown()
 
 
-def test_offline_run_holds_config_and_metrics_and_a_resume_continues_it(tmp_path, data_dir, offline_wandb, capfd):
+def test_offline_run_holds_config_and_metrics_and_a_resume_continues_it(tmp_path, data_dir, tiny_pretrain, offline_wandb,
+                                                                       capfd):
     run_dir = tmp_path / "run"
-    assert main(tiny_pretrain(data_dir, run_dir, "stop_at_step=3")) == 0
+    assert main(tiny_pretrain(run_dir, "stop_at_step=3")) == 0
     wandb.teardown()  # wandb's service may still be writing the run files after finish()
     assert "wandb sync" in capfd.readouterr().err  # wandb tells the user how to upload the offline run
 
@@ -146,7 +142,7 @@ def test_offline_run_holds_config_and_metrics_and_a_resume_continues_it(tmp_path
     assert "eval/best" not in run.history[3]  # bookkeeping flags stay out of the charts
     assert run.exit_code == 0
 
-    assert main(tiny_pretrain(data_dir, run_dir, "resume=auto")) == 0
+    assert main(tiny_pretrain(run_dir, "resume=auto")) == 0
     wandb.teardown()
     before, after = offline_runs(run_dir)
     assert after.id == run.id  # the same W&B run, continued: `wandb sync` uploads both into it
@@ -200,10 +196,10 @@ def test_a_resumed_history_sends_wandb_only_the_steps_it_lacks(tmp_path, offline
     assert offline_runs(run_dir)[-1].id != first.id
 
 
-def test_wandb_not_installed_is_a_clear_error_before_training(tmp_path, data_dir, monkeypatch, capsys):
+def test_wandb_not_installed_is_a_clear_error_before_training(tmp_path, tiny_pretrain, monkeypatch, capsys):
     run_dir = tmp_path / "run"
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError, as if not installed
-    assert main(tiny_pretrain(data_dir, run_dir)) == 2
+    assert main(tiny_pretrain(run_dir)) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == (
         "t5forge pretrain: error: logging.wandb=true but Weights & Biases is not installed: pip install wandb, "
@@ -211,11 +207,11 @@ def test_wandb_not_installed_is_a_clear_error_before_training(tmp_path, data_dir
     assert not run_dir.exists()  # nothing built, nothing trained
 
 
-def test_online_mode_without_an_api_key_fails_at_once_instead_of_prompting(tmp_path, data_dir):
+def test_online_mode_without_an_api_key_fails_at_once_instead_of_prompting(tmp_path, tiny_pretrain):
     """On a terminal, wandb.init without credentials waits at a login prompt: t5forge says what to do."""
     run_dir = tmp_path / "run"
     master, terminal = pty.openpty()
-    process = subprocess.Popen([sys.executable, "-m", "t5forge", *tiny_pretrain(data_dir, run_dir)],
+    process = subprocess.Popen([sys.executable, "-m", "t5forge", *tiny_pretrain(run_dir)],
                                stdin=terminal, stdout=terminal, stderr=terminal, env=wandb_env(tmp_path),
                                cwd=tmp_path, close_fds=True)
     os.close(terminal)
