@@ -115,10 +115,11 @@ def build_pair(config: T5Config, hf_attention: str, seed: int = 0):
     return ours, hf
 
 
-def elementwise_compiled(elementwise: str, device, compile_mode: str) -> bool:
-    """--elementwise resolved as `t5forge pretrain` resolves model.compile_elementwise (train/setup.py)."""
+def elementwise_compiled(elementwise: str, device, compile_mode: str, stream_elements: int) -> bool:
+    """--elementwise resolved as `t5forge pretrain` resolves model.compile_elementwise (train/setup.py
+    `training_model`): `stream_elements` is the batch's residual stream, batch x input length x d_model."""
     setting = None if elementwise == "auto" else elementwise == "compiled"
-    return fused.wanted(setting, device, compile_mode != "none")
+    return fused.wanted(setting, device, compile_mode != "none", stream_elements)
 
 
 class Trainer:
@@ -128,8 +129,11 @@ class Trainer:
                  elementwise: str = "auto"):
         self.name, self.device = name, device
         self.model = model.to(device).train()
+        self.elementwise_compiled = False
         if isinstance(model, T5):
-            model.compile_elementwise(elementwise_compiled(elementwise, device, compile_mode))
+            stream = batch["input_ids"].numel() * model.config.d_model
+            self.elementwise_compiled = elementwise_compiled(elementwise, device, compile_mode, stream)
+            model.compile_elementwise(self.elementwise_compiled)
         self.batch = {k: v.to(device) for k, v in batch.items()}
         self.n_targets = int((batch["labels"] != -100).sum())
         optim_cfg = SimpleNamespace(name="adamwscale", base_lr=2e-2, weight_decay=0.0)
@@ -290,7 +294,8 @@ def bench_shape(args, shape: str, device, peak: float) -> dict:
                 print(f"  {shape} round {r} {side.name}: {side.times[-1]['step']:.3f} s", file=sys.stderr)
     result = {"shape": shape, "batch_size": batch_size, "input_length": INPUT_LENGTH,
               "target_length": batch["labels"].shape[1], "tokens_per_step": tokens, "flops_per_step": flops,
-              "config": config.to_json_dict(), "batch": source, "first_loss": first_loss, "sides": {}}
+              "config": config.to_json_dict(), "batch": source, "first_loss": first_loss,
+              "elementwise_compiled": sides[0].elementwise_compiled, "sides": {}}
     for side in sides:
         med = {k: statistics.median(t[k] for t in side.times) for k in ("step", "model", "optimizer")}
         result["sides"][side.name] = {
@@ -357,6 +362,15 @@ def _or_dash(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _elementwise_words(compiled) -> str:
+    """'compiled' / 'eager', or per shape when they differ (older reports hold one bool)."""
+    if isinstance(compiled, dict):
+        if len(set(compiled.values())) > 1:
+            return ", ".join(f"{shape} {'compiled' if on else 'eager'}" for shape, on in compiled.items())
+        compiled = all(compiled.values())
+    return "compiled" if compiled else "eager"
+
+
 def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [f"# Training throughput: t5forge vs transformers ({report['device']}, {report['precision']})", "",
@@ -366,7 +380,7 @@ def markdown(report: dict) -> str:
              (f"- versions: python {env['python']}, torch {env['torch']}, transformers {env['transformers']}; "
              f"git {env['git_sha'][:12]}{' + uncommitted changes' if env['uncommitted_changes'] else ''}"),
              (f"- t5forge attention `{report['attention']}`, compile `{report['compile']}`, elementwise stretches "
-              f"{'compiled' if report.get('elementwise_compiled') else 'eager'}; transformers attention "
+              f"{_elementwise_words(report.get('elementwise_compiled'))}; transformers attention "
              f"`{report['hf_attention']}`, compile `{report['hf_compile']}`; optimizer AdamWScale on both; "
              f"subnormals {'flushed to zero' if report.get('flush_denormal') else 'kept (torch default)'}"),
              (f"- {report['rounds']} interleaved rounds after {report['warmup']} warm-up step(s); "
@@ -440,7 +454,6 @@ def main() -> None:
     report = {"device": device.type, "precision": args.precision, "attention": args.attention,
               "hf_attention": args.hf_attention, "compile": args.compile, "hf_compile": args.hf_compile,
               "elementwise": args.elementwise,
-              "elementwise_compiled": elementwise_compiled(args.elementwise, device, args.compile),
               "flush_denormal": args.flush_denormal, "rounds": args.rounds, "warmup": args.warmup,
               "environment": environment(device),
               "busy_processes_start": busy_processes(), "load_average_start": round(os.getloadavg()[0], 2)}
@@ -449,6 +462,8 @@ def main() -> None:
     for shape in args.shapes:
         print(f"{shape} ...", file=sys.stderr)
         report["results"].append(bench_shape(args, shape, device, peaks[0]))
+    # Resolved per shape (the residual stream's size decides under --elementwise auto), as pretrain does.
+    report["elementwise_compiled"] = {res["shape"]: res["elementwise_compiled"] for res in report["results"]}
     peaks.append(matmul_peak(device, dtype))
     peak = max(peaks)
     for res in report["results"]:  # MFU against the best peak seen over the whole run

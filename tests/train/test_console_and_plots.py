@@ -15,17 +15,16 @@ from t5forge.plot import figures
 from t5forge.train.metrics_log import read_metrics
 
 
-def run_args(out_dir, data_dir, *extra):
-    d = data_dir
-    return [
-        "pretrain", "task=pt_tiny", f"out_dir={out_dir}",
-        f"data.tokenizer={d / 't5-spiece' / 'spiece.model'}",
-        f"data.train_files=[{d / 'c4-sample' / 'c4-en.train-00000-first1000.json.gz'}]",
-        f"data.validation_files=[{d / 'c4-sample' / 'c4-en.olmo-sample-1000.json.gz'}]",
+@pytest.fixture
+def run_args(c4_pretrain_args):
+    def args(out_dir, *extra):
         # A warmup of 6 steps in 12, logged every 6 steps: only the warmup's own log points show its ramp.
-        "optim.total_steps=12", "optim.warmup_steps=6", "logging.every_steps=6", "eval.every_steps=6",
-        "eval.steps=1", "checkpoint.every_steps=6", *extra,
-    ]
+        return c4_pretrain_args(
+            out_dir, "optim.total_steps=12", "optim.warmup_steps=6", "logging.every_steps=6", "eval.every_steps=6",
+            "eval.steps=1", "checkpoint.every_steps=6", *extra,
+        )
+
+    return args
 
 
 def story(out: str) -> dict:
@@ -43,9 +42,9 @@ def lines_of(figure, xlabel=None):
     return [line for ax in axes for line in ax.get_lines()]
 
 
-def test_pretrain_console_fresh_and_resumed_and_plots(tmp_path, data_dir, spiece_path, capsys):
+def test_pretrain_console_fresh_and_resumed_and_plots(tmp_path, run_args, spiece_path, capsys):
     out = tmp_path / "run"
-    assert main(run_args(out, data_dir, "stop_at_step=6")) == 0
+    assert main(run_args(out, "stop_at_step=6")) == 0
     printed = capsys.readouterr()
     said = story(printed.out)
     assert said["device"].startswith("device: cpu (") and said["device"].endswith("precision fp32")
@@ -62,7 +61,7 @@ def test_pretrain_console_fresh_and_resumed_and_plots(tmp_path, data_dir, spiece
     # The metric lines go to stderr, the story does not.
     assert "step 6 eval: eval_loss=" in printed.err and "weights:" not in printed.err
 
-    assert main(run_args(out, data_dir, "resume=auto")) == 0
+    assert main(run_args(out, "resume=auto")) == 0
     printed = capsys.readouterr()
     said = story(printed.out)
     ckpt = out / "checkpoints" / "step-00000006"
@@ -132,7 +131,7 @@ def test_t5forge_warnings_read_as_warning_lines(t5forge_logger, capsys):
     assert err == "warning: skipping damaged checkpoint x\n"  # no file:line, no source line
 
 
-def test_held_out_data_that_ends_early_is_said_once(tmp_path, data_dir, capsys):
+def test_held_out_data_that_ends_early_is_said_once(tmp_path, run_args, data_dir, capsys):
     import gzip
     import json
 
@@ -141,7 +140,7 @@ def test_held_out_data_that_ends_early_is_said_once(tmp_path, data_dir, capsys):
         docs = [json.loads(next(f)) for _ in range(3)]
     small = tmp_path / "small.jsonl"
     small.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    args = run_args(tmp_path / "run", data_dir, "eval.steps=50", "optim.total_steps=6", "optim.warmup_steps=1",
+    args = run_args(tmp_path / "run", "eval.steps=50", "optim.total_steps=6", "optim.warmup_steps=1",
                     "eval.every_steps=3")
     args = [a if not a.startswith("data.validation_files=") else f"data.validation_files=[{small}]" for a in args]
     assert main(args) == 0
@@ -149,6 +148,6 @@ def test_held_out_data_that_ends_early_is_said_once(tmp_path, data_dir, capsys):
     warnings_said = [line for line in err.splitlines() if "ends early" in line]
     assert len(warnings_said) == 1, err  # evaluated at steps 3 and 6, said once
     assert f"held-out data {small} ends early: each evaluation scores" in warnings_said[0]
-    assert "of this process's 50 batches (eval.steps=50)" in warnings_said[0]
+    assert "of eval.steps=50 batches; give more data.validation_files or lower eval.steps" in warnings_said[0]
     scored = int(warnings_said[0].split("each evaluation scores ")[1].split()[0])
     assert 1 <= scored < 50

@@ -300,53 +300,40 @@ def generation_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-class _Counted:
-    """An iterable over a loader's batches that counts the batches handed out."""
-
-    def __init__(self, loader):
-        self.loader, self.count = loader, 0
-
-    def __iter__(self):
-        for batch in self.loader:
-            self.count += 1
-            yield batch
-
-
 def _heldout(args, held, model, tokenizer, device, autocast, precision) -> dict:
     from t5forge.eval.generation import write_evaluation
     from t5forge.plan import make_plan
     from t5forge.train.distributed import World
-    from t5forge.train.pretrain import build_loader, held_out_evaluator
+    from t5forge.train.pretrain import build_loader, held_out_evaluator, held_out_name
 
     cfg, micro, requested = held
     d = cfg.data
     # pretrain's own loader and evaluator: the batches (and noise masks) the run scored
     loader = build_loader(cfg, make_plan(cfg), tokenizer, World(), "validation")
-    counted = _Counted(loader)
-    metrics = held_out_evaluator(cfg, counted, model, device, autocast, World())(0)
+    metrics = held_out_evaluator(cfg, loader, model, device, autocast, World())(0)
+    scored = metrics["eval_batches"]
     loss = metrics["eval_loss"]
     # exp overflows a float past ~709 nats; an untrained model's loss can be that large
     metrics["eval_perplexity"] = math.exp(loss) if loss < 700 else (math.inf if loss == loss else math.nan)
-    where = ", ".join(d.validation_files) or f"{d.dataset} (validation split)"
+    where = held_out_name(cfg)
     files = f"{len(d.validation_files)} file(s)" if d.validation_files else where
     print(f"held-out span corruption on {files}: inputs {d.input_length} tokens, "
           f"targets {loader.target_length}, batch size {micro}, seed {cfg.seed}, noise density "
           f"{d.mlm_probability}, mean span {d.mean_noise_span_length}, {precision}")
-    if requested is not None and counted.count < requested:
-        print(f"scored {counted.count} of {requested} batches: {where} has no more")
+    if requested is not None and scored < requested:
+        print(f"scored {scored} of {requested} batches: {where} has no more")
     else:
-        print(f"scored {counted.count} batches ({counted.count * micro} examples)")
+        print(f"scored {scored} batches ({scored * micro} examples)")
     print(f"{'eval_loss':>12}  {'perplexity':>10}  {'accuracy':>8}  {'tokens':>10}")
     print(f"{metrics['eval_loss']:12.4f}  {metrics['eval_perplexity']:10.4g}  {metrics['eval_accuracy']:8.4f}  "
           f"{metrics['eval_tokens']:10,d}")
-    metrics["eval_batches"] = counted.count
     if args.output is not None:
         metadata = {"model": str(args.model_path), "mode": "heldout", "precision": precision,
                     "data": {"files": list(d.validation_files), "text_field": d.text_field,
                              "input_length": d.input_length, "target_length": loader.target_length,
                              "noise_density": d.mlm_probability,
                              "mean_noise_span_length": d.mean_noise_span_length,
-                             "batch_size": micro, "batches": requested, "batches_scored": counted.count,
+                             "batch_size": micro, "batches": requested, "batches_scored": scored,
                              "seed": cfg.seed}}
         write_evaluation(args.output, metrics, metadata=metadata)
     return metrics

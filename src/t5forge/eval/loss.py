@@ -15,11 +15,12 @@ def evaluate_loss(model, batches, device, autocast=contextlib.nullcontext, world
     """Token-weighted NLL (nats/token) and argmax accuracy over the target tokens of `batches`.
 
     Sums are taken over tokens, not averaged per batch, so batches with different numbers of
-    target tokens count by their size.
+    target tokens count by their size. `eval_batches` is the number of batches scored, summed over
+    the processes.
     """
     was_training = model.training
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll, correct, tokens
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # nll, correct, tokens, batches
     for batch in batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast():
@@ -27,9 +28,10 @@ def evaluate_loss(model, batches, device, autocast=contextlib.nullcontext, world
         labels = batch["labels"]
         valid = labels != -100
         correct = ((out.logits.argmax(-1) == labels) & valid).sum()
-        totals += torch.stack([out.loss.double(), correct.double(), valid.sum().double()])
+        totals += torch.stack([out.loss.double(), correct.double(), valid.sum().double(), totals.new_ones(())])
     model.train(was_training)
-    nll, correct, tokens = all_reduce_sum(totals, world).tolist()
+    nll, correct, tokens, batches = all_reduce_sum(totals, world).tolist()
     if tokens == 0:
-        return {"eval_loss": math.nan, "eval_accuracy": math.nan, "eval_tokens": 0}
-    return {"eval_loss": nll / tokens, "eval_accuracy": correct / tokens, "eval_tokens": int(tokens)}
+        return {"eval_loss": math.nan, "eval_accuracy": math.nan, "eval_tokens": 0, "eval_batches": int(batches)}
+    return {"eval_loss": nll / tokens, "eval_accuracy": correct / tokens, "eval_tokens": int(tokens),
+            "eval_batches": int(batches)}

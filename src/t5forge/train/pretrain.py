@@ -58,7 +58,7 @@ def build_loader(cfg: RunConfig, plan, tokenizer, world, split: str, **options):
 def check_held_out(loader, cfg: RunConfig) -> None:
     """Read one held-out batch now: a validation file too small for a batch, or unreadable, fails at
     start-up instead of at the first evaluation (which may come only after the last step)."""
-    where = ", ".join(cfg.data.validation_files) or f"{cfg.data.dataset} (validation split)"
+    where = held_out_name(cfg)
     try:
         next(iter(loader))
     except T5ForgeError as err:
@@ -73,29 +73,32 @@ def held_out_evaluator(cfg: RunConfig, loader, model, device, autocast, world):
     of W takes batches r, r + W, ... and the sums are all-reduced."""
     from t5forge.eval.loss import evaluate_loss
 
-    share = len(range(world.rank, cfg.eval.steps, world.world_size))  # this rank's batches when the data suffices
+    def evaluate(step: int) -> dict:
+        batches = itertools.islice(iter(loader), world.rank, cfg.eval.steps, world.world_size)
+        return evaluate_loss(model, batches, device, autocast=autocast, world=world)
+
+    return evaluate
+
+
+def held_out_name(cfg: RunConfig) -> str:
+    return ", ".join(cfg.data.validation_files) or f"{cfg.data.dataset} (validation split)"
+
+
+def said_when_short(evaluate, cfg: RunConfig, world):
+    """`evaluate` that warns (once, rank 0) when the held-out data held fewer than eval.steps batches:
+    the held-out set is the same at every evaluation, so is the shortfall."""
     warned = []
 
-    def evaluate(step: int) -> dict:
-        scored = [0]
-
-        def counted():
-            for batch in itertools.islice(iter(loader), world.rank, cfg.eval.steps, world.world_size):
-                scored[0] += 1
-                yield batch
-
-        metrics = evaluate_loss(model, counted(), device, autocast=autocast, world=world)
-        if scored[0] < share and not warned:
-            # Said once: the held-out set is the same at every evaluation, so is the shortfall.
-            where = ", ".join(cfg.data.validation_files) or f"{cfg.data.dataset} (validation split)"
-            rank = f" on rank {world.rank}" if world.world_size > 1 else ""
-            log.warning("held-out data %s ends early: each evaluation scores %d of this process's %d batches%s "
-                        "(eval.steps=%d); give more data.validation_files or lower eval.steps",
-                        where, scored[0], share, rank, cfg.eval.steps)
+    def checked(step: int) -> dict:
+        metrics = evaluate(step)
+        if metrics["eval_batches"] < cfg.eval.steps and not warned and world.is_main:
+            log.warning("held-out data %s ends early: each evaluation scores %d of eval.steps=%d batches; give "
+                        "more data.validation_files or lower eval.steps",
+                        held_out_name(cfg), metrics["eval_batches"], cfg.eval.steps)
             warned.append(True)
         return metrics
 
-    return evaluate
+    return checked
 
 
 def run_pretrain(cfg: RunConfig) -> int:
@@ -130,7 +133,7 @@ def _run(cfg: RunConfig, world) -> int:
                              f"{plan.summary()}\n{model_summary(model, plan, tokenizer)}")
     evaluate = None
     if eval_loader is not None:
-        evaluate = held_out_evaluator(cfg, eval_loader, model, device, autocast, world)
+        evaluate = said_when_short(held_out_evaluator(cfg, eval_loader, model, device, autocast, world), cfg, world)
     elif cfg.eval.steps > 0:
         log.info("no held-out data (data.validation_files is empty): training without evaluation")
 
