@@ -39,6 +39,11 @@ class T5Config:
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
     attention_backend: str = "sdpa"  # t5forge only: "eager" | "sdpa" | "flex" (FlexAttention, GPU)
+    # t5forge only: the components, by their names in model/components.py (HF's T5 is these defaults)
+    feed_forward: str = "dense"
+    position: str = "t5_bias"
+    block: str = "pre_norm"
+    encoder: str = "stack"
 
     def __post_init__(self):
         if self.num_decoder_layers is None:
