@@ -5,6 +5,11 @@ T5ForConditionalGeneration built from the same config, with the same weights, ba
     python benchmarks/train_throughput.py --shapes base --rounds 3
     python benchmarks/train_throughput.py --device cuda --precision bf16 --shapes tiny small base
     python benchmarks/train_throughput.py --shapes small --profile    # + torch.profiler table per side
+    python benchmarks/train_throughput.py --shapes num_heads=8,num_layers=6,num_decoder_layers=2,feed_forward_proj=gated-silu
+                                                                      # t5-v1.1-small with these fields changed
+
+t5forge's side is built as `t5forge pretrain` builds it: the plain model with its speed twins
+swapped in by t5forge.model.fast.apply (and its TokenNLL twin as the loss).
 
 One training step = forward with labels, backward, grad-norm clipping at 1.0, optimizer step,
 zero_grad: what t5forge's loop does. Both sides use t5forge's AdamWScale (the nanoT5 recipe's
@@ -50,9 +55,11 @@ from types import SimpleNamespace
 
 import torch
 
-from t5forge.model import fused
+from t5forge.model import fast
 from t5forge.model.config import T5Config
+from t5forge.model.fast import compiled as stretches
 from t5forge.model.hf import hf_to_t5forge_state_dict
+from t5forge.model.loss import TokenNLL
 from t5forge.model.t5 import T5
 from t5forge.optim.build import build_optimizer
 from t5forge.train.metrics_log import measure_matmul_flops, t5_flops_per_step
@@ -67,16 +74,28 @@ INPUT_LENGTH, TARGET_LENGTH = 512, 114  # T5 span corruption at 15% noise, mean 
 
 def shape_config(name: str, attention: str, batch: int | None = None) -> tuple[T5Config, int]:
     """(architecture, batch size) of a benchmark shape; dropout 0 as in nanoT5 pre-training.
-    batch: overrides the shape's default batch size (nanoT5's pre-training batch is 128)."""
+    batch: overrides the shape's default batch size (nanoT5's pre-training batch is 128).
+    name "field=value,field=value": t5-v1.1-small with those T5Config fields changed (batch 8)."""
     common = {"dropout_rate": 0.0, "attention_backend": attention}
-    if name == "tiny":
+    if "=" in name:
+        fields = {f.name: f.type for f in T5Config.__dataclass_fields__.values()}
+        overrides = {}
+        for item in name.split(","):
+            key, _, value = item.partition("=")
+            if key not in fields:
+                raise SystemExit(f"shape {name!r}: {key!r} is not a T5Config field")
+            kind = str(fields[key])
+            overrides[key] = (value.lower() in ("1", "true") if "bool" in kind else float(value) if "float" in kind
+                              else value if "str" in kind else int(value))
+        config, default = T5Config.from_name("google/t5-v1_1-small", **{**common, **overrides}), 8
+    elif name == "tiny":
         config, default = T5Config(d_model=256, d_ff=512, num_heads=4, d_kv=64, num_layers=4, **common), 16
     elif name == "small":
         config, default = T5Config.from_name("google/t5-v1_1-small", **common), 8
     elif name == "base":
         config, default = T5Config.from_name("google/t5-v1_1-base", **common), 8
     else:
-        raise SystemExit(f"unknown shape {name!r}; use tiny, small or base")
+        raise SystemExit(f"unknown shape {name!r}; use tiny, small, base or field=value,... (a t5-v1.1-small variant)")
     return config, batch or default
 
 
@@ -119,7 +138,7 @@ def elementwise_compiled(elementwise: str, device, compile_mode: str, stream_ele
     """--elementwise resolved as `t5forge pretrain` resolves model.compile_elementwise (train/setup.py
     `training_model`): `stream_elements` is the batch's residual stream, batch x input length x d_model."""
     setting = None if elementwise == "auto" else elementwise == "compiled"
-    return fused.wanted(setting, device, compile_mode != "none", stream_elements)
+    return stretches.wanted(setting, device, compile_mode != "none", stream_elements)
 
 
 class Trainer:
@@ -129,11 +148,12 @@ class Trainer:
                  elementwise: str = "auto"):
         self.name, self.device = name, device
         self.model = model.to(device).train()
-        self.elementwise_compiled = False
-        if isinstance(model, T5):
+        self.elementwise_compiled, self.loss_fn = False, None
+        if isinstance(model, T5):  # the plain model with its twins, as pretrain builds it (train/setup.py)
             stream = batch["input_ids"].numel() * model.config.d_model
             self.elementwise_compiled = elementwise_compiled(elementwise, device, compile_mode, stream)
-            model.compile_elementwise(self.elementwise_compiled)
+            _, self.loss_fn, _ = fast.apply(model, TokenNLL(), device=device, compiled=compile_mode != "none",
+                                            elementwise=self.elementwise_compiled)
         self.batch = {k: v.to(device) for k, v in batch.items()}
         self.n_targets = int((batch["labels"] != -100).sum())
         optim_cfg = SimpleNamespace(name="adamwscale", base_lr=2e-2, weight_decay=0.0)
@@ -146,8 +166,10 @@ class Trainer:
 
     def loss(self):
         with self.autocast():
-            if isinstance(self.model, T5):  # t5forge's loop: summed CE over the step's target count
-                return self.forward(**self.batch, loss_reduction="sum").loss / self.n_targets
+            if isinstance(self.model, T5):  # t5forge's loop: summed NLL over the step's target count
+                out = self.forward(**self.batch)
+                nll = self.loss_fn(*self.model.output_projection(out.hidden), self.batch["labels"])
+                return nll / self.n_targets
             return self.forward(**self.batch).loss
 
     def step(self, record: bool = True) -> float:

@@ -44,9 +44,14 @@ def hf_reference(config: T5Config, seed: int = 0):
     return hf.eval()
 
 
-def twin(hf, config: T5Config, backend: str = "eager") -> T5:
+def twin(hf, config: T5Config, backend: str = "eager", converted: bool = False) -> T5:
+    """t5forge's T5 with `hf`'s weights; converted: with the speed twins swapped in (model/fast/)."""
     model = T5(config.replace(attention_backend=backend))
     model.load_state_dict(hf_to_t5forge_state_dict(hf.state_dict(), config))
+    if converted:
+        from t5forge.model import fast
+
+        fast.apply(model, None, device="cpu")
     return model.eval()
 
 

@@ -13,7 +13,7 @@ and close to the optimum for bin packing. The loader's default capacity is the m
 longest example, so a packed row is never wider than the padded batch: with a dense block-diagonal
 mask (eager, sdpa on GPU), whose cost per row grows with width^2, longer rows can cost more than
 they save. Where attention skips the pairs between examples, longer rows pay off: sdpa on CPU
-attends example by example (model/attention.py), so `t5forge finetune` then packs each micro-batch
+attends example by example (model/fast/spans.py), so `t5forge finetune` then packs each micro-batch
 into one row (train/finetune.py, pack_capacity); FlexAttention skips the masked blocks, so
 finetune.pack_source_len can ask for wide rows there.
 """

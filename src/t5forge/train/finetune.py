@@ -97,7 +97,7 @@ def pack_capacity(cfg: RunConfig, examples_per_batch: int, device: torch.device)
     """Packed rows' (source, target) capacity for micro-batches of `examples_per_batch` examples;
     None = the micro-batch's longest example. Explicit finetune.pack_source_len / pack_target_len
     win. Left at 0: where attention runs example by example (sdpa on CPU, uncompiled:
-    model/attention.py's spans) a row's width costs nothing extra, so the whole micro-batch goes
+    model/fast/spans.py) a row's width costs nothing extra, so the whole micro-batch goes
     into one row, padding-free; elsewhere attention over a packed row costs rows x width^2 (dense
     masks) or compiles per width (flex), so rows stay at the longest."""
     from t5forge.train.setup import compiles
@@ -105,7 +105,7 @@ def pack_capacity(cfg: RunConfig, examples_per_batch: int, device: torch.device)
     f = cfg.finetune
     if f.pack_source_len or f.pack_target_len or compiles(cfg.model, device):
         return f.pack_source_len or None, f.pack_target_len or None
-    from t5forge.model.attention import use_spans
+    from t5forge.model.fast.spans import use_spans
 
     if not use_spans(cfg.model.attention, device):
         return None, None

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from t5forge.errors import RunStopped, T5ForgeError
-from t5forge.model import fused
+from t5forge.model import fast
 from t5forge.optim.schedules import set_lr
 from t5forge.train import rng
 from t5forge.train.checkpoint import Checkpointer, checkpoint_step, unwrap_model
@@ -238,7 +238,7 @@ def _train(parts: LoopParts, state: TrainState, stops: StopRequests) -> TrainSta
     window = {"loss": torch.zeros((), device=parts.device), "targets": torch.zeros((), device=parts.device),
               "steps": 0, "tokens": 0, "seconds": 0.0}
     first_step_of_process = True
-    compiling = compiles(cfg.model, parts.device) or fused.enabled_in(unwrap_model(parts.model))
+    compiling = compiles(cfg.model, parts.device) or fast.enabled_in(unwrap_model(parts.model))
     skipped = NonfiniteSteps(parts.device, cfg.optim.max_nonfinite_steps)
     host_reads = parts.device.type == "cpu"
     collapse_warned = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from typing import NamedTuple
 
 import torch
 
@@ -228,34 +229,45 @@ def resume_or_seed(resume_from, cfg: RunConfig, model, optimizer, loader, world)
     return state
 
 
-def training_model(model, cfg: RunConfig, world, device, plan=None):
-    """The module the loop calls: DDP-wrapped under torchrun, compiled with model.compile (null: on CUDA); on CPU
-    without it, the elementwise stretches compiled on their own (model.compile_elementwise; null: when the
-    plan's residual stream, micro-batch x input length x d_model, is large enough to gain from it)."""
-    from t5forge.model import fused
+class Training(NamedTuple):
+    """What the loop trains: the module it calls and the token loss (model/loss.py or its twin)."""
+
+    model: torch.nn.Module
+    loss: torch.nn.Module
+
+
+def training_model(model, cfg: RunConfig, world, device, plan=None) -> Training:
+    """The module the loop calls and its token loss. The plain model gets its speed twins
+    (model/fast/: `fast.apply`, which logs what it swapped and what it left plain); then it is
+    DDP-wrapped under torchrun and compiled with model.compile (null: on CUDA). On CPU without
+    model.compile, the twins' elementwise stretches run compiled on their own
+    (model.compile_elementwise; null: when the plan's residual stream, micro-batch x input length x
+    d_model, is large enough to gain from it)."""
+    from t5forge.model import fast
+    from t5forge.model.fast.compiled import wanted
+    from t5forge.model.loss import TokenNLL
     from t5forge.train.distributed import wrap_ddp
 
     compiled = compiles(cfg.model, device)
     stream = plan.micro_batch_size * plan.input_length * model.config.d_model if plan is not None else None
-    elementwise = fused.wanted(cfg.model.compile_elementwise, device, compiled, stream)
+    elementwise = wanted(cfg.model.compile_elementwise, device, compiled, stream)
     log.info("compile: %s", compile_note(cfg.model, device, compiled, elementwise, stream))
-    if elementwise:
-        model.compile_elementwise(True)
+    model, loss, _ = fast.apply(model, TokenNLL(), device=device, compiled=compiled, elementwise=elementwise)
     wrapped = wrap_ddp(model, world, device)
     if not compiled:
-        return wrapped
+        return Training(wrapped, loss)
     if wrapped is not model and cfg.model.attention == "flex":
         # DDPOptimizer (dynamo's graph splitting at DDP bucket boundaries) cannot split graphs holding
         # FlexAttention's higher-order op (pytorch#137481): compile DDP's module as one graph, its
         # gradients all-reduced after the backward by DDP's hooks (no compute/communication overlap).
         torch._dynamo.config.optimize_ddp = False
         log.info("DDP + compile + flex: dynamo's DDP graph splitting off (torch._dynamo.config.optimize_ddp)")
-    return torch.compile(wrapped)
+    return Training(torch.compile(wrapped), loss)
 
 
 def compile_note(model_cfg, device, compiled: bool, elementwise: bool, stream: int | None = None) -> str:
     """Compiled or eager, and why (the console line of training_model)."""
-    from t5forge.model.fused import MIN_ELEMENTS
+    from t5forge.model.fast.compiled import MIN_ELEMENTS
 
     why = "model.compile=" + ("true" if model_cfg.compile else "false") if model_cfg.compile is not None else (
         f"model.compile=null: {'on' if compiled else 'off'} for {torch.device(device).type}")

@@ -1,17 +1,15 @@
 """The T5 block's elementwise stretches, each compiled on its own with torch.compile: CPU training.
+The norm and feed-forward twins (fast/norm.py, fast/feed_forward.py) call them when their `compiled`
+flag is set (`fast.apply(..., elementwise=True)`).
 
 Between the matmuls, a T5 training step is a chain of memory-bound passes: the residual add, the
 RMSNorm (a reduction, two multiplies and their backward), the gated activation (GELU, a multiply and
 their backward). In eager PyTorch each is its own pass over an activation-sized tensor; compiled, each
 stretch is one generated C++ loop, forward and backward. Only these stretches are compiled: the
 matmuls and the attention kernels stay eager, where torch.compile of the whole model on CPU gained
-nothing (interleaved A/B at t5-v1.1-small: 4.43 vs 4.39 s a step).
+nothing. The measurements, per stretch and per step: benchmarks/performance.md.
 
-Measured on a 2-core Xeon (AVX-512), fp32, forward + backward at t5-v1.1-small's 8 x 512 tokens:
-residual add + RMSNorm 3.4-4.0 ms against 7.7-9.5 eager, gated GELU 9.7-11.3 ms against 14.0-17.2.
-The whole training step: see the README's performance section.
-
-Used while training on CPU on activations of MIN_ELEMENTS or more (`T5.compile_elementwise(True)`;
+Used while training on CPU on activations of MIN_ELEMENTS or more (`fast.apply(..., elementwise=True)`;
 `t5forge pretrain` / `finetune` turn it on there when the residual stream is that large, unless
 model.compile compiles everything; see `wanted`); no-grad
 passes (evaluation, generation) run eager, so decoding does not recompile per step. The formulas
@@ -99,21 +97,16 @@ def wanted(setting: bool | None, device: torch.device, whole_model_compiled: boo
     return device.type == "cpu" and not whole_model_compiled
 
 
-def enabled_in(model) -> bool:
-    """Whether `model` (a bare T5) runs its elementwise stretches compiled (T5.compile_elementwise(True))."""
-    return any(getattr(module, "compiled", False) is True for module in model.modules())
-
-
 # Activations smaller than this stay eager. The fused loops save passes over memory, which pays where
 # an activation is a few MB: t5-v1.1-small's 8 x 512 x 512 encoder and 8 x 114 x 512 decoder states
-# (467k elements) go compiled. At the pt_cpu preset's 16 x 128 x 128 (262k) the step time did not
-# move while its first step paid the compile start-up (benchmarks/performance.md), so there (see
+# (467k elements) go compiled. At the pt_cpu preset's 16 x 128 x 128 (262k) the step time does not
+# move while its first step pays the compile start-up (benchmarks/performance.md), so there (see
 # `wanted`) nothing is compiled.
 MIN_ELEMENTS = 400_000
 
 
 def use_compiled(x: torch.Tensor, enabled: bool) -> bool:
-    """Whether a module whose compile_elementwise flag is `enabled` takes the compiled stretch for x:
+    """Whether a twin whose `compiled` flag is `enabled` takes the compiled stretch for x:
     training on CPU, outside an already compiled model (whose graph fuses these stretches itself),
     on an activation of at least MIN_ELEMENTS."""
     return (enabled and x.device.type == "cpu" and x.numel() >= MIN_ELEMENTS and torch.is_grad_enabled()

@@ -1,4 +1,5 @@
-"""The output projection and the token cross-entropy in one pass, without the (N, V) logits.
+"""The TokenNLL twin: the output projection and the token cross-entropy in one pass, without the
+(N, V) logits, while training (grad enabled); the plain TokenNLL (model/loss.py) otherwise.
 
 With a 32k vocabulary the logits of a batch are the largest tensor of a T5 training step (8 x 114
 targets x 32128 x 4 bytes = 117 MB at t5-v1.1-small), and the plain path writes and reads it
@@ -13,7 +14,7 @@ are computed right away, while the chunk is hot:
 
 backward() then only scales the stored gradients by the incoming gradient of the loss. The matmul
 FLOPs are the same as the plain path's (forward + both backward matmuls); only memory traffic is
-saved. Used for training (grad enabled); evaluation, which wants the logits, takes the plain path.
+saved.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ import threading
 
 import torch
 
-IGNORE_INDEX = -100
+from t5forge.model.loss import IGNORE_INDEX, TokenNLL
+from t5forge.model.masks import compute_dtype
 
 # CPU only: the logits buffers of the last call (one per dtype), per thread, reused by the next
-# one. A fresh 64 MB buffer every step costs its page faults again: the first chunk's matmul ran
-# at 60-70% speed (22 ms more per step in isolation, ~100 ms inside a t5-v1.1-small training step
-# on a 2-core VM). The buffers never leave forward. CUDA's caching allocator already reuses memory.
+# one. A fresh 64 MB buffer every step costs its page faults again, and the first chunk's matmul
+# runs measurably slower on them (benchmarks/performance.md). The buffers never leave forward.
+# CUDA's caching allocator already reuses memory.
 _workspace = threading.local()
 
 
@@ -126,8 +128,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def default_chunk_rows(vocab_size: int, device: torch.device) -> int:
     """Rows per chunk. CPU: ~16M logits (64 MB fp32), 522 rows at V = 32128, so a chunk's logits stay
-    in cache; measured at the tiny and small benchmark shapes, 256-1024 rows are within noise of each
-    other and 15-25% faster than the plain path, 64 rows slower (dW is re-read once per chunk). GPU:
+    in cache; at the tiny and small benchmark shapes 256-1024 rows are within noise of each other and
+    faster than the plain path, 64 rows slower (dW is re-read once per chunk; benchmarks/performance.md). GPU:
     no cache to fit; what counts is that each chunk's three matmuls fill the chip (a few thousand
     rows) while the chunk's logits stay a small slice of memory: ~128M logits (0.5 GB fp32), 4177
     rows at V = 32128, so nanoT5's 128 x 114 decoder rows take 4 chunks instead of 28."""
@@ -150,3 +152,13 @@ def linear_cross_entropy(x, weight, labels, reduction: str = "mean", chunk_rows:
     if reduction == "mean":
         loss = loss / (y != IGNORE_INDEX).sum()
     return loss
+
+
+class FastTokenNLL(TokenNLL):
+    """TokenNLL through linear_cross_entropy while a gradient is wanted; the plain formula otherwise
+    (evaluation, scoring). The same summed fp32 NLL over labels != -100."""
+
+    def forward(self, h, weight, labels):  # h: (..., C); weight: (V, C); labels: (...) -> 0-d fp32
+        if not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)):
+            return super().forward(h, weight, labels)
+        return linear_cross_entropy(h, weight, labels, "sum", compute_dtype=compute_dtype(h))
