@@ -70,6 +70,11 @@ class ModelConfig:
     feed_forward_proj: Optional[str] = _key(None, "override: relu | gated-gelu | gated-silu | gelu | ...")
     tie_word_embeddings: Optional[bool] = _key(None, "override: share input embedding and LM head")
     layer_norm_epsilon: Optional[float] = _key(None, "override: RMSNorm epsilon")
+    # Components by name (model/components.py; docs/architecture.md says how to add one).
+    feed_forward: Optional[str] = _key(None, "override: feed-forward component (dense = T5's)")
+    position: Optional[str] = _key(None, "override: position scheme (t5_bias = T5's relative bias)")
+    block: Optional[str] = _key(None, "override: block component (pre_norm = T5's)")
+    encoder: Optional[str] = _key(None, "override: encoder component (stack = T5's)")
 
     def architecture_overrides(self) -> dict:
         """The set architecture fields, as T5Config keyword arguments."""
@@ -79,7 +84,7 @@ class ModelConfig:
 ARCHITECTURE_KEYS = (
     "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
     "relative_attention_num_buckets", "relative_attention_max_distance", "feed_forward_proj",
-    "tie_word_embeddings", "layer_norm_epsilon",
+    "tie_word_embeddings", "layer_norm_epsilon", "feed_forward", "position", "block", "encoder",
 )
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from t5forge.errors import T5ForgeError
+from t5forge.model.loss import seq2seq_loss
 from t5forge.train.metrics_log import (
     MetricsLogger,
     estimate_mfu,
@@ -132,6 +133,7 @@ def test_flops_formula_matches_a_hand_count():
 
 
 def test_flops_formula_matches_torch_flop_counter_on_the_real_model():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     from t5forge.model.config import T5Config
@@ -142,8 +144,9 @@ def test_flops_formula_matches_torch_flop_counter_on_the_real_model():
     model = T5(config)
     input_ids = torch.randint(3, 1000, (2, 16))
     labels = torch.randint(3, 1000, (2, 4))
-    with FlopCounterMode(display=False) as counter:
-        model(input_ids=input_ids, labels=labels).loss.backward()
+    # SDPA's math back end: its matmuls are plain bmm the counter sees.
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        seq2seq_loss(model, input_ids=input_ids, labels=labels).backward()
     assert counter.get_total_flops() == t5_flops_per_step(config, 2, 16, 4)
 
 

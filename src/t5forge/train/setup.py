@@ -240,7 +240,7 @@ def training_model(model, cfg: RunConfig, world, device, plan=None):
     elementwise = fused.wanted(cfg.model.compile_elementwise, device, compiled, stream)
     log.info("compile: %s", compile_note(cfg.model, device, compiled, elementwise, stream))
     if elementwise:
-        model.compile_elementwise(True)
+        model.compile_elementwise(True)  # (the speed twins replace this: branch fast)
     wrapped = wrap_ddp(model, world, device)
     if not compiled:
         return wrapped
