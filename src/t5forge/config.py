@@ -565,6 +565,11 @@ def validate(cfg: RunConfig) -> None:
             _fail(f"model.{k}", v, "must be a positive integer (or null to keep model.name's value)")
     if m.layer_norm_epsilon is not None and m.layer_norm_epsilon <= 0:
         _fail("model.layer_norm_epsilon", m.layer_norm_epsilon, "must be > 0")
+    for kind in ("feed_forward", "position", "block", "encoder"):
+        if getattr(m, kind) is not None:
+            from t5forge.model.components import component  # the registries (imports torch): only when named
+
+            component(kind, getattr(m, kind))
 
     for key in ("data.train_files", "data.validation_files", "finetune.train_files", "finetune.validation_files"):
         section, name = key.split(".")

@@ -14,9 +14,10 @@ docs/architecture.md for the contract each kind keeps and a worked example.
 from __future__ import annotations
 
 from t5forge.errors import T5ForgeError
+from t5forge.model.feed_forwards import SquaredReLUFeedForward
 from t5forge.model.t5 import FeedForward, PreNormBlock, Stack, T5RelativeBias
 
-FEED_FORWARDS = {"dense": FeedForward}
+FEED_FORWARDS = {"dense": FeedForward, "squared_relu": SquaredReLUFeedForward}
 POSITIONS = {"t5_bias": T5RelativeBias}
 BLOCKS = {"pre_norm": PreNormBlock}
 ENCODERS = {"stack": Stack}
@@ -30,5 +31,5 @@ def component(kind: str, name: str):
     """The class registered as `name` for `kind`, or a T5ForgeError listing the known names."""
     registry = REGISTRIES[kind]
     if name not in registry:
-        raise T5ForgeError(f"model config: {kind} {name!r} is unknown; known: {', '.join(sorted(registry))}")
+        raise T5ForgeError(f"model.{kind} {name!r} is unknown; known: {', '.join(sorted(registry))}")
     return registry[name]

@@ -12,7 +12,8 @@ import torch
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the matmuls run in: the autocast dtype when autocast is on, else the tensor's."""
-    if torch.is_autocast_enabled(x.device.type):
+    # (Meta tensors, on which model/flops.py counts FLOPs, have no autocast.)
+    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
