@@ -198,8 +198,8 @@ def masked_step(optimizer, finite: torch.Tensor) -> None:
 def clip_gradients(params: list[torch.Tensor], max_norm: float, host_reads: bool | None = None) -> torch.Tensor:
     """The gradients' total L2 norm (logged), after scaling them to at most max_norm when max_norm > 0:
     what torch.nn.utils.clip_grad_norm_ returns and does. That function multiplies every gradient by
-    min(1, max_norm / (norm + 1e-6)) even when the factor is 1, a pass over all gradients (20 ms per
-    step at t5-v1.1-small on CPU); here the pass runs only when it changes something: never without
+    min(1, max_norm / (norm + 1e-6)) even when the factor is 1, a pass over all gradients
+    (read and written: twice the model's size in memory traffic); here the pass runs only when it changes something: never without
     a limit (nanoT5's fine-tuning), and with `host_reads` (default: on CPU, where reading the norm
     costs no device sync) only when the norm is over the limit."""
     norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
