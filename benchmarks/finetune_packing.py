@@ -35,7 +35,7 @@ from train_throughput import environment, shape_config  # noqa: E402  (the sibli
 
 from t5forge.data.finetune_loader import FinetuneLoader  # noqa: E402
 from t5forge.data.instructions import load_sni  # noqa: E402
-from t5forge.model.attention import use_spans  # noqa: E402
+from t5forge.model.fast.spans import use_spans  # noqa: E402
 from t5forge.model.t5 import T5  # noqa: E402
 from t5forge.optim.build import build_optimizer  # noqa: E402
 from t5forge.tokenizer import load_tokenizer  # noqa: E402

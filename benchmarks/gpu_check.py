@@ -53,8 +53,9 @@ from train_throughput import DATA, INPUT_LENGTH, TARGET_LENGTH, build_pair, shap
 from t5forge.model.attention import _flex_attention, attend, make_attention_bias  # noqa: E402
 from t5forge.model.config import T5Config  # noqa: E402
 from t5forge.model.t5 import T5  # noqa: E402
+from t5forge.model.flops import t5_flops_per_step  # noqa: E402
 from t5forge.optim.build import build_optimizer  # noqa: E402
-from t5forge.train.metrics_log import measure_matmul_flops, t5_flops_per_step  # noqa: E402
+from t5forge.train.metrics_log import measure_matmul_flops  # noqa: E402
 
 RANDOM = "random ids (no data file)"
 STAGES = ("ceilings", "attention", "step", "profile", "packing")

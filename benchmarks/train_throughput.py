@@ -62,7 +62,8 @@ from t5forge.model.hf import hf_to_t5forge_state_dict
 from t5forge.model.loss import TokenNLL
 from t5forge.model.t5 import T5
 from t5forge.optim.build import build_optimizer
-from t5forge.train.metrics_log import measure_matmul_flops, t5_flops_per_step
+from t5forge.model.flops import t5_flops_per_step
+from t5forge.train.metrics_log import measure_matmul_flops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # matmul_bound, next to this file (also when imported)
 from matmul_bound import record_matmuls, replay_times

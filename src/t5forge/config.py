@@ -70,6 +70,11 @@ class ModelConfig:
     feed_forward_proj: Optional[str] = _key(None, "override: relu | gated-gelu | gated-silu | gelu | ...")
     tie_word_embeddings: Optional[bool] = _key(None, "override: share input embedding and LM head")
     layer_norm_epsilon: Optional[float] = _key(None, "override: RMSNorm epsilon")
+    # Components by name (model/components.py; docs/architecture.md says how to add one).
+    feed_forward: Optional[str] = _key(None, "override: feed-forward component (dense = T5's)")
+    position: Optional[str] = _key(None, "override: position scheme (t5_bias = T5's relative bias)")
+    block: Optional[str] = _key(None, "override: block component (pre_norm = T5's)")
+    encoder: Optional[str] = _key(None, "override: encoder component (stack = T5's)")
 
     def architecture_overrides(self) -> dict:
         """The set architecture fields, as T5Config keyword arguments."""
@@ -79,7 +84,7 @@ class ModelConfig:
 ARCHITECTURE_KEYS = (
     "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
     "relative_attention_num_buckets", "relative_attention_max_distance", "feed_forward_proj",
-    "tie_word_embeddings", "layer_norm_epsilon",
+    "tie_word_embeddings", "layer_norm_epsilon", "feed_forward", "position", "block", "encoder",
 )
 
 
@@ -560,6 +565,11 @@ def validate(cfg: RunConfig) -> None:
             _fail(f"model.{k}", v, "must be a positive integer (or null to keep model.name's value)")
     if m.layer_norm_epsilon is not None and m.layer_norm_epsilon <= 0:
         _fail("model.layer_norm_epsilon", m.layer_norm_epsilon, "must be > 0")
+    for kind in ("feed_forward", "position", "block", "encoder"):
+        if getattr(m, kind) is not None:
+            from t5forge.model.components import component  # the registries (imports torch): only when named
+
+            component(kind, getattr(m, kind))
 
     for key in ("data.train_files", "data.validation_files", "finetune.train_files", "finetune.validation_files"):
         section, name = key.split(".")

@@ -16,6 +16,7 @@ from hf_twins import (
 )
 
 from t5forge.model.hf import HF_REDUNDANT, hf_to_t5forge_state_dict, t5forge_to_hf_state_dict
+from t5forge.model.loss import seq2seq_loss
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -29,10 +30,11 @@ def test_logits_loss_and_encoder_match_hf(config_name, backend):
     with torch.no_grad():
         ref = hf(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
         out = model(input_ids, attention_mask, labels=labels)
-        summed = model(input_ids, attention_mask, labels=labels, loss_reduction="sum").loss
+        batch = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        loss, summed = seq2seq_loss(model, **batch), seq2seq_loss(model, "sum", **batch)
     torch.testing.assert_close(out.encoder_hidden_states, ref.encoder_last_hidden_state, **TOL)
-    torch.testing.assert_close(out.logits, ref.logits, **TOL)
-    torch.testing.assert_close(out.loss, ref.loss, **TOL)
+    torch.testing.assert_close(model.logits(out.hidden), ref.logits, **TOL)
+    torch.testing.assert_close(loss, ref.loss, **TOL)
     n_tokens = (labels != -100).sum()
     torch.testing.assert_close(summed, ref.loss * n_tokens, rtol=1e-5, atol=1e-4)
 
@@ -50,7 +52,7 @@ def test_explicit_decoder_inputs_and_padding_mask_match_hf(backend):
                  decoder_attention_mask=decoder_attention_mask)
         out = model(input_ids, attention_mask, decoder_input_ids=decoder_input_ids,
                     decoder_attention_mask=decoder_attention_mask)
-    torch.testing.assert_close(out.logits, ref.logits, **TOL)
+    torch.testing.assert_close(model.logits(out.hidden), ref.logits, **TOL)
     assert torch.equal(decoder_input_ids, hf._shift_right(labels))
 
 
@@ -106,13 +108,13 @@ def test_sdpa_equals_eager_forward_and_gradients():
     input_ids, attention_mask, labels = padded_batch(config.vocab_size)
     for model in (eager, sdpa):
         model.train()  # dropout_rate is 0: train mode is deterministic but takes the training paths
-        model(input_ids, attention_mask, labels=labels, loss_reduction="sum").loss.backward()
+        seq2seq_loss(model, "sum", input_ids=input_ids, attention_mask=attention_mask, labels=labels).backward()
     grads_e = {n: p.grad for n, p in eager.named_parameters()}
     for name, p in sdpa.named_parameters():
         # summed loss over ~50 tokens: gradients are O(10), compare relative to each tensor's scale
         scale = grads_e[name].abs().max()
         assert (p.grad - grads_e[name]).abs().max() <= 1e-5 * scale, name
-    assert eager.encoder.relative_bias.weight.grad.abs().sum() > 0  # the bias learns through the mask
+    assert eager.encoder.position.weight.grad.abs().sum() > 0  # the bias learns through the mask
 
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
@@ -124,11 +126,12 @@ def test_bf16_autocast_forward_close_to_fp32(backend):
     with torch.no_grad():
         ref = hf(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(input_ids, attention_mask, labels=labels)
-    assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+            logits = model.logits(model(input_ids, attention_mask, labels=labels).hidden)
+            loss = seq2seq_loss(model, input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
     scale = ref.logits.abs().max()
-    assert (out.logits.float() - ref.logits).abs().max() < 0.03 * scale
-    assert abs(out.loss.item() - ref.loss.item()) < 0.02 * ref.loss.item()
+    assert (logits.float() - ref.logits).abs().max() < 0.03 * scale
+    assert abs(loss.item() - ref.loss.item()) < 0.02 * ref.loss.item()
 
 
 def test_dropout_active_in_train_mode_only():
@@ -136,9 +139,9 @@ def test_dropout_active_in_train_mode_only():
     model = twin(hf_reference(config), config, "sdpa")
     input_ids, attention_mask, labels = padded_batch(config.vocab_size)
     model.train()
-    a = model(input_ids, attention_mask, labels=labels).logits
-    b = model(input_ids, attention_mask, labels=labels).logits
+    a = model.logits(model(input_ids, attention_mask, labels=labels).hidden)
+    b = model.logits(model(input_ids, attention_mask, labels=labels).hidden)
     assert not torch.allclose(a, b)
     model.eval()
-    torch.testing.assert_close(model(input_ids, attention_mask, labels=labels).logits,
-                               model(input_ids, attention_mask, labels=labels).logits)
+    torch.testing.assert_close(model.logits(model(input_ids, attention_mask, labels=labels).hidden),
+                               model.logits(model(input_ids, attention_mask, labels=labels).hidden))

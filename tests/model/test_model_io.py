@@ -35,7 +35,7 @@ def logits(model, vocab=32100):
     input_ids, attention_mask, labels = padded_batch(vocab)
     with torch.no_grad():
         if isinstance(model, T5):
-            return model(input_ids, attention_mask, labels=labels).logits
+            return model.logits(model(input_ids, attention_mask, labels=labels).hidden)
         return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).logits
 
 

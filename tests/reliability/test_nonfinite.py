@@ -23,7 +23,7 @@ def test_a_nonfinite_step_leaves_weights_and_moments_unchanged():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     moments = [s["exp_avg"].clone() for s in opt.state.values()]
     bad = [{"input_ids": torch.full((2, 8), 5), "labels": torch.randint(3, 100, (2, 4))}]
-    loss, _, _, finite = train_step(model, opt, bad, 1e-2, grad_clip=1.0, device=torch.device("cpu"))
+    loss, _, _, finite, _ = train_step(model, opt, bad, 1e-2, grad_clip=1.0, device=torch.device("cpu"))
     assert not bool(finite) and not math.isfinite(float(loss))
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -78,14 +78,14 @@ def test_a_collapsed_model_gets_a_warning():
             p.zero_()
     batch = [{"input_ids": torch.randint(3, 100, (2, 8)), "labels": torch.randint(3, 100, (2, 4))}]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss, n, norm, finite = train_step(model, opt, batch, 1e-3, grad_clip=1.0, device=torch.device("cpu"))
+    loss, n, norm, finite, _ = train_step(model, opt, batch, 1e-3, grad_clip=1.0, device=torch.device("cpu"))
     assert bool(finite)
     with pytest.warns(UserWarning, match="collapsed"):
         assert warn_if_collapsed(float(loss / n), float(norm), 128, step=1)
 
     # A healthy model: no warning.
     healthy = T5(T5Config.from_name("tiny", vocab_size=128, dropout_rate=0.0))
-    loss, n, norm, _ = train_step(healthy, torch.optim.AdamW(healthy.parameters()), batch, 1e-3, grad_clip=1.0,
+    loss, n, norm, *_ = train_step(healthy, torch.optim.AdamW(healthy.parameters()), batch, 1e-3, grad_clip=1.0,
                                   device=torch.device("cpu"))
     assert not warn_if_collapsed(float(loss / n), float(norm), 128, step=1)
 

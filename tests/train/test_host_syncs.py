@@ -47,7 +47,7 @@ def test_train_step_without_host_reads():
     # grad_clip=1e-3: the norm is over the limit, so clipping runs too.
     with CountHostReads() as mode:
         for _ in range(2):
-            loss, targets, norm, finite = train_step(model, opt, data, 1e-2, grad_clip=1e-3,
+            loss, targets, norm, finite, _ = train_step(model, opt, data, 1e-2, grad_clip=1e-3,
                                                      device=torch.device("cpu"), local_targets=n, host_reads=False)
     assert mode.reads == []
     assert bool(finite) and targets == n

@@ -7,6 +7,7 @@ import torch
 
 from t5forge.model.config import T5Config
 from t5forge.model.t5 import T5
+from t5forge.model.loss import seq2seq_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from matmul_bound import TensorSpec, record_matmuls, replay_times
@@ -18,7 +19,7 @@ def tiny_step():
     model = T5(config)
     g = torch.Generator().manual_seed(0)
     ids, labels = torch.randint(2, 64, (2, 12), generator=g), torch.randint(2, 64, (2, 5), generator=g)
-    return lambda: model(ids, labels=labels).loss.backward()
+    return lambda: seq2seq_loss(model, input_ids=ids, labels=labels).backward()
 
 
 def test_records_forward_and_backward_matmuls_with_their_layouts():

@@ -14,6 +14,7 @@ from t5forge.train import checkpoint as ckpt
 from t5forge.train import rng
 from t5forge.train.checkpoint import Checkpointer, latest, list_checkpoints, load, resolve_resume
 from t5forge.train.state import TrainState
+from t5forge.model.loss import seq2seq_loss
 
 CONFIG_TEXT = "model:\n  name: tiny\noptim:\n  base_lr: 0.001\n"
 
@@ -30,7 +31,7 @@ def _batch(seed):
 
 def _train_step(model, optimizer, seed):
     model.train()
-    model(**_batch(seed)).loss.backward()
+    seq2seq_loss(model, **_batch(seed)).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

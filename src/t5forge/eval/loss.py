@@ -6,29 +6,34 @@ import contextlib
 import math
 
 import torch
+import torch.nn.functional as F
 
+from t5forge.model.load import unwrap
 from t5forge.train.distributed import World, all_reduce_sum
 
 
 @torch.no_grad()
 def evaluate_loss(model, batches, device, autocast=contextlib.nullcontext, world: World = World()) -> dict:
-    """Token-weighted NLL (nats/token) and argmax accuracy over the target tokens of `batches`.
+    """Token-weighted NLL (nats/token: the token loss alone, no auxiliary terms) and argmax accuracy
+    over the target tokens of `batches`.
 
     Sums are taken over tokens, not averaged per batch, so batches with different numbers of
     target tokens count by their size. `eval_batches` is the number of batches scored, summed over
     the processes.
     """
     was_training = model.training
+    core = unwrap(model)
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # nll, correct, tokens, batches
     for batch in batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast():
-            out = model(**batch, loss_reduction="sum")
+            logits = core.logits(model(**batch).hidden)  # (B, T, V); auxiliary losses are not scored
         labels = batch["labels"]
         valid = labels != -100
-        correct = ((out.logits.argmax(-1) == labels) & valid).sum()
-        totals += torch.stack([out.loss.double(), correct.double(), valid.sum().double(), totals.new_ones(())])
+        nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        correct = ((logits.argmax(-1) == labels) & valid).sum()
+        totals += torch.stack([nll.double(), correct.double(), valid.sum().double(), totals.new_ones(())])
     model.train(was_training)
     nll, correct, tokens, batches = all_reduce_sum(totals, world).tolist()
     if tokens == 0:

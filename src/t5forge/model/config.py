@@ -56,6 +56,10 @@ class T5Config:
         if not 0.0 <= self.dropout_rate < 1.0:
             raise T5ForgeError(f"model config: dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
         self.activation  # validates feed_forward_proj
+        from t5forge.model.components import component  # components.py imports model/t5.py, which imports this
+
+        for kind in ("feed_forward", "position", "block", "encoder"):
+            component(kind, getattr(self, kind))
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise T5ForgeError(
                 f"model config: attention_backend {self.attention_backend!r} is unknown; use one of {ATTENTION_BACKENDS}"
@@ -121,7 +125,7 @@ class T5Config:
         for key, value in kwargs.items():
             if key in ("dropout_rate", "layer_norm_epsilon"):
                 ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            elif key == "feed_forward_proj":
+            elif key in ("feed_forward_proj", "feed_forward", "position", "block", "encoder"):
                 ok = isinstance(value, str)
             elif key == "tie_word_embeddings":
                 ok = isinstance(value, bool)

@@ -23,7 +23,7 @@ _NAME_TEMPLATES = [
     ("shared.weight", "shared.weight"),
     ("lm_head.weight", "lm_head.weight"),
     ("{s}.final_layer_norm.weight", "{s}.final_norm.weight"),
-    ("{s}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "{s}.relative_bias.weight"),
+    ("{s}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "{s}.position.weight"),
     ("{s}.block.{i}.layer.0.SelfAttention.{p}.weight", "{s}.blocks.{i}.attn.{p}.weight"),
     ("{s}.block.{i}.layer.0.layer_norm.weight", "{s}.blocks.{i}.attn_norm.weight"),
     ("decoder.block.{i}.layer.1.EncDecAttention.{p}.weight", "decoder.blocks.{i}.cross_attn.{p}.weight"),

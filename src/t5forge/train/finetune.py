@@ -232,8 +232,9 @@ def _run(cfg: RunConfig, world) -> int:
     elif cfg.eval.steps > 0:
         log.info("no held-out data (finetune.validation_files is empty): training without evaluation")
 
+    training = training_model(model, cfg, world, device, plan)  # the speed twins swapped in (model/fast/)
     parts = LoopParts(
-        cfg=cfg, plan=plan, model=training_model(model, cfg, world, device, plan), tokenizer=tokenizer,
+        cfg=cfg, plan=plan, model=training.model, loss=training.loss, tokenizer=tokenizer,
         optimizer=optimizer, lr_at=lr_at,
         train_batches=_track_epochs(train_loader, state), data_state=train_loader.state_dict,
         restart_data=lambda position: (train_loader.load_state_dict(position), _track_epochs(train_loader, state))[1], evaluate=evaluate,

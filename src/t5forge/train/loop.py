@@ -25,12 +25,13 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 
 from t5forge.errors import RunStopped, T5ForgeError
 from t5forge.model import fast
+from t5forge.model.loss import TokenNLL
 from t5forge.optim.schedules import set_lr
 from t5forge.train import rng
 from t5forge.train.checkpoint import Checkpointer, checkpoint_step, unwrap_model
@@ -71,6 +72,7 @@ class LoopParts:
     peak_flops: float | None = None  # one device's peak FLOP/s in the run's precision
     # data_state -> a fresh iterator of micro-batches from that position (for a rollback)
     restart_data: Callable[[Any], Iterable[dict]] | None = None
+    loss: torch.nn.Module | None = None  # the token NLL (model/loss.py, or its fast twin); None: TokenNLL()
 
 
 def count_tokens(batch: dict) -> int:
@@ -110,23 +112,39 @@ def step_targets(local_targets: int, device: torch.device, world: World):
     return all_reduce_sum(host.to(device, non_blocking=True), world)
 
 
+class StepResult(NamedTuple):
+    """What one optimizer step returns, as device tensors (read only when logged)."""
+
+    loss_sum: torch.Tensor  # summed token NLL over all micro-batches and ranks
+    n_targets: Any  # the step's target tokens, all ranks (float, or a 0-d tensor under torchrun)
+    grad_norm: torch.Tensor
+    finite: torch.Tensor  # False: NaN / inf loss or gradient norm, the update was skipped
+    aux: dict  # auxiliary loss name -> its term, averaged over micro-batches and ranks (unweighted)
+
+
 def train_step(model, optimizer, batches: list[dict], lr: float, *, grad_clip: float, device: torch.device,
                autocast: Callable[[], Any] = contextlib.nullcontext, world: World = World(),
-               local_targets: int | None = None, host_reads: bool | None = None):
-    """One optimizer step over the micro-`batches`; returns (summed loss, target tokens, grad norm,
-    finite) as device tensors (the caller reads them only when it logs). `finite` is False when the
-    loss or the gradient norm is NaN or infinite: the update is then skipped (weights and optimizer
-    state unchanged). `host_reads` (default: on CPU only, where reading a tensor costs no device sync)
-    allows reading device values; without it the step never waits for the device, and a
-    non-finite step is skipped by the optimizer itself where it can (see masked_step)."""
+               local_targets: int | None = None, host_reads: bool | None = None,
+               loss_fn: torch.nn.Module | None = None) -> StepResult:
+    """One optimizer step over the micro-`batches`. The model gives hidden states and auxiliary
+    losses; `loss_fn` (model/loss.py's TokenNLL or its fast twin) the summed token NLL. The step
+    minimises NLL / (target tokens of the whole step, all ranks) + sum(weight x aux term), each aux
+    term averaged over the step's micro-batches and ranks. A non-finite loss or gradient norm skips
+    the update (weights and optimizer state unchanged). `host_reads` (default: on CPU only, where
+    reading a tensor costs no device sync) allows reading device values; without it the step never
+    waits for the device, and a non-finite step is skipped by the optimizer itself where it can
+    (see masked_step)."""
     if host_reads is None:
         host_reads = torch.device(device).type == "cpu"
     if local_targets is None:
         local_targets = count_targets(batches)
     if local_targets == 0 and not world.distributed:
         raise T5ForgeError("every target token of an optimizer step is padding (-100); check the data")
+    loss_fn = loss_fn if loss_fn is not None else TokenNLL()
+    core = unwrap_model(model)
     n_targets = step_targets(local_targets, device, world)
     loss_sum = torch.zeros((), device=device)
+    aux_sum: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in MODEL_INPUTS}
         last = i == len(batches) - 1
@@ -134,14 +152,20 @@ def train_step(model, optimizer, batches: list[dict], lr: float, *, grad_clip: f
         sync = contextlib.nullcontext() if last or not world.distributed else model.no_sync()
         with sync:
             with autocast():
-                out = model(**batch, loss_reduction="sum")
+                out = model(**batch)
+                nll = loss_fn(*core.output_projection(out.hidden), batch["labels"])
             # DDP averages gradients over ranks; multiply back so the step's gradient is the
-            # gradient of (all ranks' summed loss / all ranks' target tokens).
-            (out.loss * (world.world_size / n_targets)).backward()
-        loss_sum += out.loss.detach()
+            # gradient of (all ranks' summed NLL / all ranks' target tokens) + the mean aux terms.
+            total = nll * (world.world_size / n_targets)
+            for name, aux in out.aux_losses.items():
+                total = total + aux.term * (aux.weight / len(batches))
+                aux_sum[name] = aux_sum.get(name, 0.0) + aux.term.detach().float() / len(batches)
+            total.backward()
+        loss_sum += nll.detach()
     set_lr(optimizer, lr)
-    params = [p for p in unwrap_model(model).parameters() if p.grad is not None]
+    params = [p for p in core.parameters() if p.grad is not None]
     loss_sum = all_reduce_sum(loss_sum, world)
+    aux_mean = {name: all_reduce_sum(term, world) / world.world_size for name, term in aux_sum.items()}
     grad_norm = clip_gradients(params, grad_clip, host_reads=host_reads)
     # The gradient norm is the same on every rank (DDP averaged the gradients), the loss all-reduced:
     # every rank takes the same decision.
@@ -152,7 +176,7 @@ def train_step(model, optimizer, batches: list[dict], lr: float, *, grad_clip: f
     else:
         masked_step(optimizer, finite)
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, n_targets, grad_norm, finite
+    return StepResult(loss_sum, n_targets, grad_norm, finite, aux_mean)
 
 
 def masked_step(optimizer, finite: torch.Tensor) -> None:
@@ -174,8 +198,8 @@ def masked_step(optimizer, finite: torch.Tensor) -> None:
 def clip_gradients(params: list[torch.Tensor], max_norm: float, host_reads: bool | None = None) -> torch.Tensor:
     """The gradients' total L2 norm (logged), after scaling them to at most max_norm when max_norm > 0:
     what torch.nn.utils.clip_grad_norm_ returns and does. That function multiplies every gradient by
-    min(1, max_norm / (norm + 1e-6)) even when the factor is 1, a pass over all gradients (20 ms per
-    step at t5-v1.1-small on CPU); here the pass runs only when it changes something: never without
+    min(1, max_norm / (norm + 1e-6)) even when the factor is 1, a pass over all gradients
+    (read and written: twice the model's size in memory traffic); here the pass runs only when it changes something: never without
     a limit (nanoT5's fine-tuning), and with `host_reads` (default: on CPU, where reading the norm
     costs no device sync) only when the norm is over the limit."""
     norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
@@ -235,8 +259,13 @@ def _train(parts: LoopParts, state: TrainState, stops: StopRequests) -> TrainSta
     every_seconds = cfg.checkpoint.every_minutes * 60
     stopwatch = Stopwatch(initial=state.elapsed_train_seconds)
     wall_start = time.perf_counter() - state.elapsed_wall_seconds
-    window = {"loss": torch.zeros((), device=parts.device), "targets": torch.zeros((), device=parts.device),
-              "steps": 0, "tokens": 0, "seconds": 0.0}
+
+    def fresh_window() -> dict:  # what a log record averages over: the steps since the last one
+        zero = torch.zeros((), device=parts.device)
+        return {"loss": zero.clone(), "targets": zero.clone(), "steps": 0, "tokens": 0, "seconds": 0.0,
+                "aux": {}, "finite_steps": zero.clone()}
+
+    window = fresh_window()
     first_step_of_process = True
     compiling = compiles(cfg.model, parts.device) or fast.enabled_in(unwrap_model(parts.model))
     skipped = NonfiniteSteps(parts.device, cfg.optim.max_nonfinite_steps)
@@ -290,9 +319,9 @@ def _train(parts: LoopParts, state: TrainState, stops: StopRequests) -> TrainSta
         batches = [next(parts.train_batches) for _ in range(plan.grad_acc)]
         tokens = sum(count_tokens(b) for b in batches)
         examples = sum(count_examples(b) for b in batches)
-        loss_sum, n_targets, grad_norm, finite = train_step(
+        loss_sum, n_targets, grad_norm, finite, aux = train_step(
             parts.model, parts.optimizer, batches, lr, grad_clip=cfg.optim.grad_clip, device=parts.device,
-            autocast=parts.autocast, world=parts.world, host_reads=host_reads,
+            autocast=parts.autocast, world=parts.world, host_reads=host_reads, loss_fn=parts.loss,
         )
         skipped.update(finite)
         stopwatch.pause()
@@ -303,6 +332,9 @@ def _train(parts: LoopParts, state: TrainState, stops: StopRequests) -> TrainSta
         # Skipped steps stay out of the logged loss (it would be NaN until the next log).
         window["loss"] += torch.where(finite, loss_sum, 0.0)
         window["targets"] += finite * n_targets
+        for name, term in aux.items():  # the auxiliary terms of the finite steps, logged as aux_NAME
+            window["aux"][name] = window["aux"].get(name, 0.0) + torch.where(finite, term, 0.0)
+        window["finite_steps"] = window["finite_steps"] + finite
         window["steps"] += 1
         window["tokens"] += tokens * parts.world.world_size
         window["seconds"] += time.perf_counter() - t0
@@ -326,8 +358,7 @@ def _train(parts: LoopParts, state: TrainState, stops: StopRequests) -> TrainSta
         if ((log_now or state.step % every_ckpt == 0 or save_now or (host_reads and not bool(finite)))
                 and (back := roll_back_if_due(parts, state, skipped)) is not None):
             last_ckpt, saved_at, last_save_time, last_eval = state.step, back, time.perf_counter(), state.step
-            window.update(loss=torch.zeros((), device=parts.device), targets=torch.zeros((), device=parts.device),
-                          steps=0, tokens=0, seconds=0.0)
+            window.update(fresh_window())
             continue
         if log_now:
             skipped_steps = skipped.check(state.step, parts.checkpointer.latest)
@@ -342,9 +373,9 @@ def _train(parts: LoopParts, state: TrainState, stops: StopRequests) -> TrainSta
                 mfu=estimate_mfu(parts.flops_per_step, seconds, (parts.peak_flops or 0) * parts.world.world_size),
                 elapsed_train_seconds=stopwatch.elapsed, skipped_steps=skipped_steps,
                 elapsed_seconds=time.perf_counter() - wall_start,  # wall clock since the run began, over resumes
+                **{f"aux_{name}": (total / window["finite_steps"]).item() for name, total in window["aux"].items()},
             )
-            window.update(loss=torch.zeros((), device=parts.device), targets=torch.zeros((), device=parts.device),
-                          steps=0, tokens=0, seconds=0.0)
+            window.update(fresh_window())
 
         elif host_reads and not bool(finite):  # free on CPU: stop as soon as the limit is reached
             skipped.check(state.step, parts.checkpointer.latest)

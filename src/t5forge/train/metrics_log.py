@@ -224,35 +224,7 @@ def _short(values: dict, keys=None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# FLOPs and model FLOPs utilisation
-
-
-def t5_flops_per_step(config: Any, batch_size: int, input_length: int, target_length: int) -> int:
-    """Training FLOPs (forward + backward) of one optimizer step of a T5 on fixed-length batches.
-
-    With d = d_model, h = num_heads * d_kv, F = 3 * d * d_ff (gated FFN: wi_0, wi_1, wo; else
-    2 * d * d_ff), Le / Ld encoder / decoder layers, V = vocab_size, S = input_length,
-    T = target_length, and 2 FLOPs per multiply-add, x3 for forward + backward (the 6*N rule):
-
-        encoder matmuls   6 * S * Le * (4*d*h + F)               q, k, v, o + FFN per encoder token
-        cross-attn k, v   6 * S * Ld * (2*d*h)                   computed once per encoder token
-        decoder matmuls   6 * T * (Ld * (4*d*h + 2*d*h + F) + d*V)   self-attn, cross q/o, FFN, lm_head
-        attention scores  12 * h * (Le*S*S + Ld*T*T + Ld*T*S)    QK^T and AV, forward 4*h per pair
-
-    all times batch_size. Embedding lookups, norms, relative position bias and softmax are not
-    matmuls and are left out; the causal decoder's masked half is counted (PaLM / nanoGPT
-    convention); padding positions count like real tokens (they cost the same hardware work).
-    """
-    d, h = config.d_model, config.num_heads * config.d_kv
-    enc_layers = config.num_layers
-    dec_layers = config.num_decoder_layers if config.num_decoder_layers is not None else config.num_layers
-    ffn = (3 if str(config.feed_forward_proj).startswith("gated") else 2) * d * config.d_ff
-    S, T = input_length, target_length
-    per_encoder_token = enc_layers * (4 * d * h + ffn) + dec_layers * 2 * d * h
-    per_decoder_token = dec_layers * (4 * d * h + 2 * d * h + ffn) + d * config.vocab_size
-    matmul = 6 * (S * per_encoder_token + T * per_decoder_token)
-    attention = 12 * h * (enc_layers * S * S + dec_layers * T * T + dec_layers * T * S)
-    return batch_size * (matmul + attention)
+# Model FLOPs utilisation (the FLOPs of a step: model/flops.py)
 
 
 def estimate_mfu(flops_per_step: float, seconds_per_step: float, peak_flops: float | None) -> float | None:

@@ -19,7 +19,8 @@ from t5forge.errors import T5ForgeError
 from t5forge.train import rng
 from t5forge.train.checkpoint import Checkpointer
 from t5forge.train.loop import LoopParts, train
-from t5forge.train.metrics_log import peak_flops, t5_flops_per_step
+from t5forge.model.flops import training_flops
+from t5forge.train.metrics_log import peak_flops
 from t5forge.train.setup import (
     autocast_for, build_model, enable_fast_math, launch, load_run_tokenizer, log_device, model_summary, open_run_dir,
     pick_device, resume_or_seed, start_run_files, starting_weights, training_model,
@@ -137,15 +138,19 @@ def _run(cfg: RunConfig, world) -> int:
     elif cfg.eval.steps > 0:
         log.info("no held-out data (data.validation_files is empty): training without evaluation")
 
+    # MFU needs the device's peak (known for GPUs, not CPUs) and the step's FLOPs, counted from the
+    # model's components (model/flops.py), only then.
+    peak = peak_flops(device, "bf16" if cfg.precision == "bf16" else "tf32")
+    flops = training_flops(model.config, plan.batch_size, plan.input_length, plan.target_length) if peak else None
+    training = training_model(model, cfg, world, device, plan)  # the speed twins swapped in (model/fast/)
     parts = LoopParts(
-        cfg=cfg, plan=plan, model=training_model(model, cfg, world, device, plan), tokenizer=tokenizer,
+        cfg=cfg, plan=plan, model=training.model, loss=training.loss, tokenizer=tokenizer,
         optimizer=optimizer, lr_at=lr_at,
         train_batches=iter(train_loader), data_state=train_loader.state_dict,
         restart_data=lambda position: (train_loader.load_state_dict(position), iter(train_loader))[1], evaluate=evaluate,
         checkpointer=Checkpointer(run_dir, keep_last=cfg.checkpoint.keep_last or None, world=world),
         logger=logger, world=world, device=device, autocast=autocast, config_text=run_config_text(cfg),
-        flops_per_step=t5_flops_per_step(model.config, plan.batch_size, plan.input_length, plan.target_length),
-        peak_flops=peak_flops(device, "bf16" if cfg.precision == "bf16" else "tf32"),
+        flops_per_step=flops, peak_flops=peak,
     )
     with logger:
         state = train(parts, state)
