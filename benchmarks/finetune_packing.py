@@ -35,7 +35,9 @@ from train_throughput import environment, shape_config  # noqa: E402  (the sibli
 
 from t5forge.data.finetune_loader import FinetuneLoader  # noqa: E402
 from t5forge.data.instructions import load_sni  # noqa: E402
+from t5forge.model import fast  # noqa: E402
 from t5forge.model.fast.spans import use_spans  # noqa: E402
+from t5forge.model.loss import TokenNLL  # noqa: E402
 from t5forge.model.t5 import T5  # noqa: E402
 from t5forge.optim.build import build_optimizer  # noqa: E402
 from t5forge.tokenizer import load_tokenizer  # noqa: E402
@@ -52,6 +54,7 @@ class Side:
         from types import SimpleNamespace
 
         self.name, self.model, self.batches, self.device = name, model.to(device).train(), batches, device
+        _, self.loss_fn, _ = fast.apply(self.model, TokenNLL(), device=device)  # as `t5forge finetune` trains
         self.autocast = autocast_for(precision, device)
         self.optimizer = build_optimizer(self.model, SimpleNamespace(name="adamwscale", base_lr=1e-3, weight_decay=0.0))
         self.times, self.losses = [], []
@@ -61,7 +64,7 @@ class Side:
         n_targets = int((batch["labels"] != -100).sum())
         t0 = time.perf_counter()
         with self.autocast():
-            loss = self.model(**batch, loss_reduction="sum").loss
+            loss = self.loss_fn(*self.model.output_projection(self.model(**batch).hidden), batch["labels"])
         (loss / n_targets).backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()

@@ -50,8 +50,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import DATA, INPUT_LENGTH, TARGET_LENGTH, build_pair, shape_config  # noqa: E402
 
-from t5forge.model.attention import _flex_attention, attend, make_attention_bias  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from t5forge.model import fast  # noqa: E402
 from t5forge.model.config import T5Config  # noqa: E402
+from t5forge.model.fast.attention import AttentionBias, attend  # noqa: E402
+from t5forge.model.fast.flex import flex_attention, flex_bias  # noqa: E402
+from t5forge.model.loss import TokenNLL  # noqa: E402
 from t5forge.model.t5 import T5  # noqa: E402
 from t5forge.model.flops import t5_flops_per_step  # noqa: E402
 from t5forge.optim.build import build_optimizer  # noqa: E402
@@ -162,24 +167,30 @@ def stage_attention(args, device, report):
     def leaves(dt):
         return [t.detach().to(dt).requires_grad_() for t in base] + [table0.clone().requires_grad_()]
 
+    def dense_bias(table, dt):  # the plain stack's form: (1, H, Q, K) from the table, in the matmuls' dtype
+        return F.embedding(buckets, table).permute(2, 0, 1).contiguous()[None].to(dt)
+
     ref_in = leaves(torch.float32)
-    ref = attend(*ref_in[:3], make_attention_bias("eager", Q, Q, ref_in[3], buckets))
+    ref_bias = dense_bias(ref_in[3], torch.float32)
+    ref = torch.softmax(ref_in[0] @ ref_in[1].transpose(-2, -1) + ref_bias, dim=-1) @ ref_in[2]  # T5: no scaling
     ref_grads = torch.autograd.grad(ref, ref_in, grad_out)
     out = {"shape": [B, H, Q, D], "dtype": str(dtype)}
-    flex = _flex_attention(device)  # compiled on CUDA; on CPU compiled forward with --dry-run's compile
+    flex = flex_attention(device)  # compiled on CUDA; on CPU compiled forward with --dry-run's compile
     if device.type == "cpu" and args.compile:
         flex = torch.compile(flex, dynamic=False)
     backward = device.type == "cuda"  # FlexAttention has no CPU backward; eager / sdpa train anywhere
+    # eager: the plain model's one SDPA call; sdpa: the attention twin's kernels; flex: the flex twin's.
     for name in ("eager", "sdpa", "flex"):
         with_grads = backward or name != "flex"
         inputs = leaves(dtype) if with_grads else [t.to(dtype) for t in base] + [table0]
 
         def run(inputs=inputs, name=name, grads=True):
-            bias = make_attention_bias(name, Q, Q, inputs[3], buckets, dtype=dtype)
             if name == "flex":
-                o = flex(*inputs[:3], score_mod=bias.score_mod, scale=1.0)
+                o = flex(*inputs[:3], score_mod=flex_bias(Q, Q, inputs[3], buckets)[0], scale=1.0)
+            elif name == "sdpa":
+                o = attend(*inputs[:3], AttentionBias("sdpa", dense=dense_bias(inputs[3], dtype)))
             else:
-                o = attend(*inputs[:3], bias)
+                o = F.scaled_dot_product_attention(*inputs[:3], attn_mask=dense_bias(inputs[3], dtype), scale=1.0)
             if grads:
                 return o, torch.autograd.grad(o, inputs, grad_out.to(o.dtype))
             return o, None
@@ -214,10 +225,15 @@ def toy(config, report):
 
 
 class StepSide:
-    """One model's training step as t5forge's loop takes it (AdamWScale, clip 1.0), over given batches."""
+    """One model's training step as t5forge's loop takes it (AdamWScale, clip 1.0), over given batches;
+    a t5forge model with its speed twins swapped in (fast.apply) and the token loss outside it, as
+    `t5forge pretrain` builds it."""
 
     def __init__(self, name, model, device, precision, compile_model):
         self.name, self.device, self.model = name, device, model.to(device).train()
+        self.loss_fn = None
+        if isinstance(model, T5):
+            _, self.loss_fn, _ = fast.apply(model, TokenNLL(), device=device, compiled=compile_model)
         self.optimizer = build_optimizer(self.model, argparse.Namespace(name="adamwscale", base_lr=2e-2,
                                                                         weight_decay=0.0))
         self.forward = torch.compile(self.model) if compile_model else self.model
@@ -229,7 +245,8 @@ class StepSide:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             if isinstance(self.model, T5):
                 n_targets = (batch["labels"] != -100).sum()
-                loss = self.forward(**batch, loss_reduction="sum").loss / n_targets
+                hidden = self.forward(**batch).hidden
+                loss = self.loss_fn(*self.model.output_projection(hidden), batch["labels"]) / n_targets
             else:
                 loss = self.forward(**batch).loss
         loss.backward()

@@ -55,6 +55,16 @@ def twin(hf, config: T5Config, backend: str = "eager", converted: bool = False) 
     return model.eval()
 
 
+# The model variants every parity test runs: the plain model (the reference path) and the model with
+# its speed twins swapped in (model/fast/), attention plain ("eager") or the twins' kernels ("sdpa").
+VARIANTS = {"plain": ("sdpa", False), "fast-eager": ("eager", True), "fast-sdpa": ("sdpa", True)}
+
+
+def variant_twin(hf, config: T5Config, variant: str) -> T5:
+    backend, converted = VARIANTS[variant]
+    return twin(hf, config, backend, converted=converted)
+
+
 def padded_batch(vocab_size: int, seed: int = 1):
     """Right-padded inputs of different lengths and labels with -100 tails, as a collator makes them."""
     g = torch.Generator().manual_seed(seed)

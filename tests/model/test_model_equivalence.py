@@ -1,11 +1,13 @@
 """t5forge's T5 vs transformers' T5ForConditionalGeneration with the same random weights: logits,
-loss, encoder states, greedy and beam-search tokens, for several architectures and both attention
-back ends; plus the HF <-> t5forge name mapping round trip."""
+loss, encoder states, greedy and beam-search tokens, for several architectures, the plain model and
+the model with its speed twins swapped in (hf_twins.VARIANTS); plus the HF <-> t5forge name mapping
+round trip."""
 
 import pytest
 import torch
 from hf_twins import (
     HF_NEEDS_NO_CACHE,
+    VARIANTS,
     generation_batch,
     hf_reference,
     make_eos_likely,
@@ -13,6 +15,7 @@ from hf_twins import (
     padded_batch,
     t5forge_config,
     twin,
+    variant_twin,
 )
 
 from t5forge.model.hf import HF_REDUNDANT, hf_to_t5forge_state_dict, t5forge_to_hf_state_dict
@@ -21,11 +24,11 @@ from t5forge.model.loss import seq2seq_loss
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["eager", "sdpa"])
-def test_logits_loss_and_encoder_match_hf(config_name, backend):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_logits_loss_and_encoder_match_hf(config_name, variant):
     config = t5forge_config(config_name)
     hf = hf_reference(config)
-    model = twin(hf, config, backend)
+    model = variant_twin(hf, config, variant)
     input_ids, attention_mask, labels = padded_batch(config.vocab_size)
     with torch.no_grad():
         ref = hf(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
@@ -39,11 +42,11 @@ def test_logits_loss_and_encoder_match_hf(config_name, backend):
     torch.testing.assert_close(summed, ref.loss * n_tokens, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["eager", "sdpa"])
-def test_explicit_decoder_inputs_and_padding_mask_match_hf(backend):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_explicit_decoder_inputs_and_padding_mask_match_hf(variant):
     config = t5forge_config("v1_1-gated-gelu-untied")
     hf = hf_reference(config)
-    model = twin(hf, config, backend)
+    model = variant_twin(hf, config, variant)
     input_ids, attention_mask, labels = padded_batch(config.vocab_size)
     decoder_input_ids = model.shift_right(labels)
     decoder_attention_mask = (labels != -100).long()
@@ -56,15 +59,15 @@ def test_explicit_decoder_inputs_and_padding_mask_match_hf(backend):
     assert torch.equal(decoder_input_ids, hf._shift_right(labels))
 
 
-@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("num_beams", [1, 4])
-def test_generation_matches_hf_token_for_token(config_name, num_beams, backend):
+def test_generation_matches_hf_token_for_token(config_name, num_beams, variant):
     config = t5forge_config(config_name)
     hf = hf_reference(config)
     use_cache = config_name not in HF_NEEDS_NO_CACHE
     input_ids, attention_mask = generation_batch(config.vocab_size)
     make_eos_likely(hf, config, input_ids, attention_mask, use_cache)
-    model = twin(hf, config, backend)
+    model = variant_twin(hf, config, variant)
     ref = hf.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False, num_beams=num_beams,
                       max_new_tokens=10, use_cache=use_cache)
     out = model.generate(input_ids, attention_mask, max_new_tokens=10, num_beams=num_beams)
@@ -101,27 +104,29 @@ def test_state_dict_round_trip_hf_t5forge_hf(config_name):
         assert torch.equal(hf_sd[alias], back["shared.weight"])
 
 
-def test_sdpa_equals_eager_forward_and_gradients():
+def test_converted_equals_plain_forward_and_gradients():
+    from t5forge.model.fast.loss import FastTokenNLL
+
     config = t5forge_config("deeper-decoder")
     hf = hf_reference(config)
-    eager, sdpa = twin(hf, config, "eager"), twin(hf, config, "sdpa")
+    plain, converted = twin(hf, config, "sdpa"), twin(hf, config, "sdpa", converted=True)
     input_ids, attention_mask, labels = padded_batch(config.vocab_size)
-    for model in (eager, sdpa):
+    for model, loss in ((plain, None), (converted, FastTokenNLL())):
         model.train()  # dropout_rate is 0: train mode is deterministic but takes the training paths
-        seq2seq_loss(model, "sum", input_ids=input_ids, attention_mask=attention_mask, labels=labels).backward()
-    grads_e = {n: p.grad for n, p in eager.named_parameters()}
-    for name, p in sdpa.named_parameters():
+        seq2seq_loss(model, "sum", loss, input_ids=input_ids, attention_mask=attention_mask, labels=labels).backward()
+    grads_plain = {n: p.grad for n, p in plain.named_parameters()}
+    for name, p in converted.named_parameters():
         # summed loss over ~50 tokens: gradients are O(10), compare relative to each tensor's scale
-        scale = grads_e[name].abs().max()
-        assert (p.grad - grads_e[name]).abs().max() <= 1e-5 * scale, name
-    assert eager.encoder.position.weight.grad.abs().sum() > 0  # the bias learns through the mask
+        scale = grads_plain[name].abs().max()
+        assert (p.grad - grads_plain[name]).abs().max() <= 1e-5 * scale, name
+    assert plain.encoder.position.weight.grad.abs().sum() > 0  # the bias learns through the mask
 
 
-@pytest.mark.parametrize("backend", ["eager", "sdpa"])
-def test_bf16_autocast_forward_close_to_fp32(backend):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_bf16_autocast_forward_close_to_fp32(variant):
     config = t5forge_config("v1_1-gated-gelu-untied")
     hf = hf_reference(config)
-    model = twin(hf, config, backend)
+    model = variant_twin(hf, config, variant)
     input_ids, attention_mask, labels = padded_batch(config.vocab_size)
     with torch.no_grad():
         ref = hf(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
