@@ -62,6 +62,7 @@ class Conversion:
     swapped: Counter = field(default_factory=Counter)
     left_plain: Counter = field(default_factory=Counter)
     elementwise: bool = False  # the twins' elementwise stretches run compiled (fast/compiled.py)
+    compiled: bool = False  # the whole model is to run under torch.compile
     fused_residual: list = field(default_factory=list)  # the stacks that run the (x, delta) loop
     bias_forms: list = field(default_factory=list)  # the stacks whose attention reads the twins' forms
 
@@ -82,7 +83,7 @@ def apply(model: nn.Module, loss: nn.Module | None = None, *, device, compiled: 
     then trace as part of its graph; the spans and the compiled stretches stand aside inside it);
     elementwise: run the norm and gating stretches torch.compile'd on CPU while training
     (fast/compiled.py `wanted` resolves model.compile_elementwise to this)."""
-    report = Conversion(elementwise=bool(elementwise))
+    report = Conversion(elementwise=bool(elementwise), compiled=bool(compiled))
     backend = getattr(getattr(model, "config", None), "attention_backend", "sdpa")
     modules = list(model.modules()) + ([loss] if loss is not None else [])
     for module in modules:
@@ -110,9 +111,11 @@ def apply(model: nn.Module, loss: nn.Module | None = None, *, device, compiled: 
                 report.fused_residual.append(name)
             if stack.bias_forms:
                 report.bias_forms.append(name)
-    log.info("%s (%s%s)", report.line(), torch.device(device).type,
-             ", elementwise stretches compiled" if elementwise else "")
-    del compiled  # the twins decide at run time (torch.compiler.is_compiling()); kept for the signature
+    # (Under torch.compile the twins trace into its graph; the spans and the compiled stretches stand
+    # aside there by themselves, torch.compiler.is_compiling(), so `compiled` changes no swap.)
+    log.info("%s (%s%s%s)", report.line(), torch.device(device).type,
+             ", elementwise stretches compiled" if elementwise else "",
+             ", inside torch.compile of the whole model" if compiled else "")
     return model, loss, report
 
 
