@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from t5forge.train.distributed import World, all_reduce_sum
+from t5forge.distributed import World, all_reduce_sum
 
 
 @torch.no_grad()
