@@ -15,10 +15,11 @@ moves the cost to the first call), so `config.py` importing `t5forge.train.timin
 function is as upward as at the top. Imports under `if TYPE_CHECKING:` count too (a type named in a
 signature is a dependency of the reader, if not of the interpreter).
 
-Cycles are checked on module-level imports only: those are the ones that run at import time and
-can fail with a half-initialised module. A function-level import back into a module that imports
-this one is how Python breaks such a cycle on purpose (e.g. `config.load_config` reading
-`t5forge.presets`, which must not need the config at import time).
+Cycles: module-level imports (those that run at import time and can fail on a half-initialised
+module) must have none. Function-level imports must not close a cycle either: a late import is the
+usual way to hide one from the interpreter, but the two modules still need each other, and the
+package has no such pair (each late import here is for start-up time or an optional dependency,
+e.g. `config.load_config` reading `t5forge.presets`, which imports nothing of the config).
 
 The layer lists name directories and top-level modules, not files, so modules that move inside
 `model/` (e.g. `model/fast/`) stay covered.
@@ -74,8 +75,9 @@ def _imports(path: Path, module: str, known: set[str]) -> list[tuple[str, int, b
                     base = child.module or ""
                 targets = resolve(base, [a.name for a in child.names])
             else:
-                inner = top and not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
-                visit(child, inner)
+                deferred = isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)) or (
+                    isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test))
+                visit(child, top and not deferred)
                 continue
             for target in targets:
                 if target == "t5forge" or target.startswith("t5forge."):
@@ -148,3 +150,10 @@ def test_no_import_cycles_at_module_level():
     graph = {m: {t for t, _, top in found if top and t in modules and t != m} for m, found in edges.items()}
     cycle = _cycle(graph)
     assert cycle is None, "module-level import cycle: " + " -> ".join(cycle)
+
+
+def test_no_import_cycles_through_function_level_imports():
+    modules, edges = _graph()
+    graph = {m: {t for t, _, _ in found if t in modules and t != m} for m, found in edges.items()}
+    cycle = _cycle(graph)
+    assert cycle is None, "import cycle (some of it inside functions): " + " -> ".join(cycle)

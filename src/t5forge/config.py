@@ -635,9 +635,9 @@ def _rules() -> dict:
 
 
 def check_value(key: str, value) -> None:
-    """`key`'s own rules on `value` (None keeps them all: null means automatic); the T5ForgeError
-    names the key, the value and what it must be. Code that takes a config value as an argument
-    checks it here, so it keeps the config's rule and wording."""
+    """`key`'s own rules on `value` (None passes: null means automatic); the T5ForgeError names the
+    key, the value and what it must be. Code that takes a config value as an argument checks it
+    here, so it keeps the config's rule and wording."""
     if value is None:
         return
     for rule in _rules()[key]:

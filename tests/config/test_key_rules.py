@@ -150,3 +150,22 @@ def test_an_old_runs_config_file_with_retired_keys_still_loads(tmp_path, caplog)
     assert not any(f.name in ("grad_l2", "weights_l2") for f in dataclasses.fields(cfg.logging))
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "ignoring logging.grad_l2" in warned and "ignoring logging.weights_l2" in warned
+
+
+def test_loaders_keep_the_configs_rules_and_words(spiece_path):
+    """The loaders take config values as arguments; they check them with the config's (and the
+    Plan's) rules, so a direct caller gets the same error a config file would."""
+    from t5forge.data.finetune_loader import FinetuneLoader
+    from t5forge.data.loader import build_pretrain_loader
+    from t5forge.data.seq2seq import Seq2SeqExample
+    from t5forge.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(spiece_path)
+    examples = [Seq2SeqExample(id="a", source="translate: x", references=("y",))]
+    lengths = dict(max_source_length=16, max_target_length=8)
+    with pytest.raises(T5ForgeError, match=r"^optim\.batch_size=10 is not divisible by optim\.grad_acc \(3\) x world size \(1\)"):
+        FinetuneLoader(examples, tokenizer, batch_size=10, grad_acc=3, **lengths)
+    with pytest.raises(T5ForgeError, match=r"^config key optim\.grad_acc=0: must be >= 1$"):
+        FinetuneLoader(examples, tokenizer, batch_size=10, grad_acc=0, **lengths)
+    with pytest.raises(T5ForgeError, match=r"^config key data\.num_workers=-1: must be >= 0$"):
+        build_pretrain_loader(tokenizer=str(spiece_path), dataset=None, batch_size=2, num_workers=-1)
