@@ -2,13 +2,15 @@
 
 Allowed direction (a module may import only from its own layer or the layers below it):
 
-    t5forge.commands, t5forge.cli            the CLI: may import anything
+    t5forge.commands, t5forge.cli,           the CLI: may import anything (plot reads metrics.jsonl
+    t5forge.plot                             through t5forge.train.metrics_log)
     t5forge.train                            the training engine: everything below
     t5forge.model, .data, .optim, .eval,     the components a run is built from, and the run's
     t5forge.config, t5forge.plan             definition; they never import t5forge.train or
                                              t5forge.commands
-    t5forge.errors, .distributed,            foundations with no t5forge imports above them
-    .stop_signals, .durations, ...
+    t5forge.errors, .constraints,            foundations: they import only each other
+    .durations, .distributed, .stop_signals,
+    .hub, .tokenizer, .console, .presets
 
 Function-level imports count for the layering rule: a late import is still a dependency (it only
 moves the cost to the first call), so `config.py` importing `t5forge.train.timing` inside a
@@ -34,6 +36,8 @@ PACKAGE = SRC / "t5forge"
 # Module-name prefixes (a package covers everything under it) that must not import the UPPER ones.
 LOWER = ("t5forge.model", "t5forge.data", "t5forge.optim", "t5forge.eval", "t5forge.config", "t5forge.plan")
 UPPER = ("t5forge.train", "t5forge.commands")
+FOUNDATIONS = ("t5forge.errors", "t5forge.constraints", "t5forge.durations", "t5forge.distributed",
+               "t5forge.stop_signals", "t5forge.hub", "t5forge.tokenizer", "t5forge.console", "t5forge.presets")
 
 
 def _module_name(path: Path) -> str:
@@ -111,6 +115,14 @@ def test_lower_layers_never_import_train_or_commands():
         for target, line, top in found if _within(target, UPPER)
     )
     assert not upward, "upward imports (see this file's docstring for the allowed direction):\n" + "\n".join(upward)
+
+
+def test_foundations_import_only_foundations():
+    modules, edges = _graph()
+    assert set(FOUNDATIONS) <= set(modules)
+    above = sorted(f"{module} -> {target} (line {line})" for module in FOUNDATIONS
+                   for target, line, _ in edges[module] if target not in FOUNDATIONS)
+    assert not above, "a foundation module imports from above it:\n" + "\n".join(above)
 
 
 def _cycle(graph: dict[str, set[str]]):
