@@ -61,8 +61,9 @@ def test_every_rule_of_every_key_rejects_a_value_outside_it(key, rule, tp):
         with pytest.raises(T5ForgeError) as err:
             validate(_with(cfg, key, bad))
         message = str(err.value)
-        assert key in message and repr(bad) in message or "is not a duration" in message, message
-        if "is not a duration" not in message:  # the duration parser words its own message
+        if key == "optim.time_budget":  # the duration parser words its own message
+            assert message.startswith(f"{key}={bad!r} is not a duration"), message
+        else:
             assert message == f"config key {key}={bad!r}: {rule.problem(bad)}"
 
 
