@@ -301,9 +301,9 @@ def generation_table(metrics: dict) -> str:
 
 
 def _heldout(args, held, model, tokenizer, device, autocast, precision) -> dict:
+    from t5forge.distributed import World
     from t5forge.eval.generation import write_evaluation
     from t5forge.plan import make_plan
-    from t5forge.train.distributed import World
     from t5forge.train.pretrain import build_loader, held_out_evaluator, held_out_name
 
     cfg, micro, requested = held

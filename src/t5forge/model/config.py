@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from t5forge.errors import T5ForgeError
+from t5forge.model.components import check_name
 
 ATTENTION_BACKENDS = ("eager", "sdpa", "flex")
 # The activations HF's T5 knows ("gated-" prefixed or not). HF maps "gated-gelu" to the tanh
@@ -56,10 +57,8 @@ class T5Config:
         if not 0.0 <= self.dropout_rate < 1.0:
             raise T5ForgeError(f"model config: dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
         self.activation  # validates feed_forward_proj
-        from t5forge.model.components import component  # components.py imports model/t5.py, which imports this
-
         for kind in ("feed_forward", "position", "block", "encoder"):
-            component(kind, getattr(self, kind))
+            check_name(kind, getattr(self, kind))
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise T5ForgeError(
                 f"model config: attention_backend {self.attention_backend!r} is unknown; use one of {ATTENTION_BACKENDS}"

@@ -190,7 +190,7 @@ def _fsync_tree(root: Path) -> None:
 class Checkpointer:
     """Writes `RUN_DIR/checkpoints/step-NNNNNNNN/` atomically and keeps the last `keep_last`.
 
-    `world` is anything with `rank` and `world_size` (t5forge.train.distributed.World); None means
+    `world` is anything with `rank` and `world_size` (t5forge.distributed.World); None means
     a single process. `keep_last=None` keeps every checkpoint.
     """
 

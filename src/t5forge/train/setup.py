@@ -170,7 +170,7 @@ def launch(cfg: RunConfig, run) -> int:
     """Join the torchrun process group (if any), call `run(cfg, world)`, leave the group.
     Local paths are made absolute first, so the run and its saved config.yaml name the same files."""
     from t5forge.config import absolute_paths
-    from t5forge.train.distributed import init_world, shutdown
+    from t5forge.distributed import init_world, shutdown
 
     cfg = absolute_paths(cfg)
     on_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
@@ -233,7 +233,7 @@ def training_model(model, cfg: RunConfig, world, device, plan=None):
     without it, the elementwise stretches compiled on their own (model.compile_elementwise; null: when the
     plan's residual stream, micro-batch x input length x d_model, is large enough to gain from it)."""
     from t5forge.model import fused
-    from t5forge.train.distributed import wrap_ddp
+    from t5forge.distributed import wrap_ddp
 
     compiled = compiles(cfg.model, device)
     stream = plan.micro_batch_size * plan.input_length * model.config.d_model if plan is not None else None
