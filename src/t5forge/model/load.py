@@ -4,7 +4,8 @@ A t5forge model directory holds `model.safetensors` (t5forge parameter names), `
 (the T5Config) and the tokenizer files. A checkpoint (`RUN/checkpoints/step-NNNNNNNN/`) is such a
 directory plus optimizer and train state; `load_model` on a run directory takes its newest
 complete checkpoint (complete = renamed from `.tmp`). An HF directory holds `config.json` and
-`model.safetensors` / `pytorch_model.bin`.
+`model.safetensors` / `pytorch_model.bin`. Parameters saved under an older t5forge name
+(`LEGACY_NAMES`) are renamed on reading, so checkpoints written before a rename still load.
 """
 
 from __future__ import annotations
@@ -16,12 +17,17 @@ from pathlib import Path
 import torch
 
 from t5forge.errors import T5ForgeError
-from t5forge.model.config import T5Config
+from t5forge.model.config import MODEL_CONFIG_FILE, T5Config
 from t5forge.model.hf import load_hf, load_state_dict_strict, read_weights, write_weights
 
 WEIGHTS = "model.safetensors"
-CONFIG = "model_config.json"
+CONFIG = MODEL_CONFIG_FILE
 _STEP_DIR = re.compile(r"step-(\d+)\Z")
+# Old t5forge parameter name -> its name now (issue 17: the stack's position scheme is `stack.position`).
+LEGACY_NAMES = {
+    "encoder.relative_bias.weight": "encoder.position.weight",
+    "decoder.relative_bias.weight": "decoder.position.weight",
+}
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -72,6 +78,21 @@ def _parse_dtype(dtype):
     raise T5ForgeError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
 
 
+def legacy_renames(stored, expected) -> dict[str, str]:
+    """{stored name: the model's name} for each name in `stored` that LEGACY_NAMES renames to a
+    name the model has (`expected`) and that the model no longer has itself. Keyed by names only,
+    so a checkpoint loader that reads lazily (train/checkpoint.py) can use it too."""
+    stored, expected = set(stored), set(expected)
+    return {old: new for old, new in LEGACY_NAMES.items()
+            if old in stored and old not in expected and new in expected and new not in stored}
+
+
+def upgrade_state_dict(sd: dict, expected) -> dict:
+    """`sd` with its legacy parameter names (LEGACY_NAMES) renamed to the names in `expected`."""
+    renames = legacy_renames(sd, expected)
+    return {renames.get(name, name): tensor for name, tensor in sd.items()}
+
+
 def _load_model_dir(directory: Path, overrides: dict):
     from t5forge.model.t5 import T5
 
@@ -80,7 +101,7 @@ def _load_model_dir(directory: Path, overrides: dict):
         config = config.replace(**overrides)
     sd, path = read_weights(directory, names=(WEIGHTS,))
     model = T5(config)
-    load_state_dict_strict(model, sd, str(path))
+    load_state_dict_strict(model, upgrade_state_dict(sd, model.state_dict()), str(path))
     return model
 
 
