@@ -13,6 +13,7 @@ from t5forge.tokenizer import load_tokenizer
 from t5forge.train import checkpoint as ckpt
 from t5forge.train import rng
 from t5forge.train.checkpoint import Checkpointer, latest, list_checkpoints, load, resolve_resume
+from t5forge.train.checkpoint_parts import Value, run_parts
 from t5forge.train.state import TrainState
 
 CONFIG_TEXT = "model:\n  name: tiny\noptim:\n  base_lr: 0.001\n"
@@ -44,9 +45,9 @@ def _setup(seed=0, **config_changes):
 
 
 def _save(checkpointer, model, optimizer, tokenizer, step, data_state=None):
-    return checkpointer.save(model=model, tokenizer=tokenizer, optimizer=optimizer,
-                             train_state=TrainState(step=step, tokens_seen=34 * step), data_state=data_state,
-                             config_text=CONFIG_TEXT)
+    return checkpointer.save(run_parts(model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                       train_state=TrainState(step=step, tokens_seen=34 * step), data=Value(data_state),
+                                       config_text=CONFIG_TEXT), step=step)
 
 
 def test_round_trip_continues_exactly(tmp_path, tokenizer):
@@ -54,8 +55,9 @@ def test_round_trip_continues_exactly(tmp_path, tokenizer):
     state = TrainState(step=7, tokens_seen=238, examples_seen=14, elapsed_train_seconds=12.5, best_eval_loss=9.1,
                        best_eval_step=5)
     data_state = {"file_index": 3, "offset": 1234, "buffer": np.arange(6), "rng": np.random.default_rng(5).bit_generator.state}
-    path = Checkpointer(tmp_path, keep_last=2).save(model=model, tokenizer=tokenizer, optimizer=optimizer,
-                                                      train_state=state, data_state=data_state, config_text=CONFIG_TEXT)
+    path = Checkpointer(tmp_path, keep_last=2).save(run_parts(model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                                                train_state=state, data=Value(data_state),
+                                                                config_text=CONFIG_TEXT), step=state.step)
     assert path == tmp_path / "checkpoints" / "step-00000007"
     assert set(ckpt.REQUIRED_FILES) <= {p.name for p in path.iterdir()}
     assert (path / "config.yaml").read_text() == CONFIG_TEXT
