@@ -5,6 +5,7 @@
         metrics.jsonl          one JSON record per log / eval / event (train/metrics_log.py)
         .lock                  held by the one process that writes here (train/run_lock.py)
         wandb-run.json         the W&B run id a resumed run continues (train/wandb_sink.py)
+        wandb/                 W&B's own files (written by wandb itself; offline runs live here)
         tensorboard/           with logging.tensorboard=true
         plots/                 `t5forge plot RUN_DIR`
         eval/step-NNNNNNNN/    a fine-tuning run's generation evaluations

@@ -51,8 +51,8 @@ from t5forge.run_layout import (  # noqa: F401  (the layout's names, as this mod
 from t5forge.train import run_lock
 from t5forge.train.checkpoint_files import check_free_space, disk_full_error
 from t5forge.train.checkpoint_parts import (  # noqa: F401  (re-exported: the loading API of checkpoints)
-    ModelPart, OptimizerPart, PerRank, TrainStatePart, Value, load_model_weights, load_parts, part_files, run_parts,
-    stores_itself, tensor_bytes, unwrap_model,
+    ModelPart, OptimizerPart, PerRank, Stateful, TrainStatePart, Value, load_model_weights, load_parts, part_files,
+    run_parts, stores_itself, tensor_bytes, unwrap_model,
 )
 from t5forge.train.state import TrainState
 
@@ -186,7 +186,7 @@ class Checkpointer:
     def latest(self) -> Path | None:
         return latest(self.run_dir)
 
-    def save(self, parts: Mapping[str, Any], step: int) -> Path:
+    def save(self, parts: Mapping[str, Stateful], step: int) -> Path:
         """Save the named `parts` (checkpoint_parts.py) as the checkpoint of `step`; call on every rank.
         Returns its directory."""
         # Collective: every rank's per-rank states, in the same order on every rank.

@@ -259,7 +259,7 @@ def rank_entry(file: Path, payload: Any, rank: int, world_size: int) -> Any:
     return payload["ranks"][rank]
 
 
-def load_parts(path: str | Path, parts: Mapping[str, Any], *, map_location=None, rank: int = 0,
+def load_parts(path: str | Path, parts: Mapping[str, Stateful], *, map_location=None, rank: int = 0,
                world_size: int = 1) -> None:
     """Restore every part from checkpoint `path`, in order. `map_location` (default: the model
     part's device) is where the model and optimizer tensors are read to; other parts read to the CPU."""

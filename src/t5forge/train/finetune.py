@@ -186,8 +186,6 @@ class FinetuneTask(Task):
     """What fine-tuning brings to the shared run (train/run_builder.py): the examples, the epoch-based
     Plan and loader, the held-out loss + generation evaluation, the data summary line."""
 
-    name = "finetune"
-
     def prepare(self, run: Run) -> None:
         from t5forge.plan import make_plan
 

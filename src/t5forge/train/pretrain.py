@@ -103,8 +103,6 @@ class PretrainTask(Task):
     """What pre-training brings to the shared run (train/run_builder.py): span-corruption loaders
     (train, held-out), the held-out evaluation and the dense-T5 FLOPs count for MFU."""
 
-    name = "pretrain"
-
     def prepare(self, run: Run) -> None:
         from t5forge.plan import make_plan
 

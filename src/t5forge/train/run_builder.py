@@ -57,8 +57,6 @@ class Run:
 class Task:
     """The part of a run that is pre-training's or fine-tuning's own; hooks in the order they run."""
 
-    name = "run"
-
     def prepare(self, run: Run) -> None:
         """Read the data (before the model is built) and set `run.plan`."""
         raise NotImplementedError

@@ -163,7 +163,7 @@ def model_summary(model, plan, tokenizer) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The steps every run takes around its own data and evaluation (pretrain.py, finetune.py).
+# The steps every run takes around its own data and evaluation (called in order by run_builder.py).
 
 
 def launch(cfg: RunConfig, run) -> int:
