@@ -88,9 +88,9 @@ def add_arguments(parser) -> None:
 
 # ---------------------------------------------------------------------------------- model path, mode
 def _looks_like_model(spec) -> bool:
-    p = Path(spec)
-    return p.is_dir() and any((p / name).exists() for name in
-                              ("config.yaml", "model_config.json", "config.json", "checkpoints"))
+    from t5forge.run_layout import looks_like_run_or_model
+
+    return looks_like_run_or_model(spec)
 
 
 def _take_model_path(args) -> None:

@@ -17,6 +17,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from t5forge import run_layout
 from t5forge.errors import T5ForgeError
 from t5forge.model.components import check_name
 
@@ -36,7 +37,6 @@ HF_CONFIG_KEYS = (
 # What to_hf_dict adds: constant for every model t5forge writes.
 HF_CONSTANT_KEYS = {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
                     "is_encoder_decoder": True, "initializer_factor": 1.0, "use_cache": True}
-MODEL_CONFIG_FILE = "model_config.json"  # t5forge's own config file (model/load.py writes it)
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ class T5Config:
             raise T5ForgeError(f"model config {path} does not exist") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise T5ForgeError(f"{path} is not valid JSON ({err})") from None
-        if path.name == MODEL_CONFIG_FILE:
+        if path.name == run_layout.MODEL_CONFIG:  # t5forge's own config file (model/load.py writes it)
             return cls.from_json_dict(d, source=str(path))
         return cls.from_hf_dict(d, source=str(path))
 

@@ -2,28 +2,28 @@
 
 A t5forge model directory holds `model.safetensors` (t5forge parameter names), `model_config.json`
 (the T5Config) and the tokenizer files. A checkpoint (`RUN/checkpoints/step-NNNNNNNN/`) is such a
-directory plus optimizer and train state; `load_model` on a run directory takes its newest
-complete checkpoint (complete = renamed from `.tmp`). An HF directory holds `config.json` and
-`model.safetensors` / `pytorch_model.bin`. Parameters saved under an older t5forge name
-(`LEGACY_NAMES`) are renamed on reading, so checkpoints written before a rename still load.
+directory plus the rest of the run's state; `load_model` on a run directory takes its newest
+complete checkpoint, by the rule resume=auto uses (run_layout.py: not `.tmp`, manifest sizes and
+checksums verified; a damaged newer one is skipped with a warning). An HF directory holds
+`config.json` and `model.safetensors` / `pytorch_model.bin`. Parameters saved under an older
+t5forge name (`LEGACY_NAMES`) are renamed on reading, so checkpoints written before a rename load.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 
+from t5forge import run_layout
 from t5forge.errors import T5ForgeError
-from t5forge.model.config import MODEL_CONFIG_FILE, T5Config
+from t5forge.model.config import T5Config
 from t5forge.model.hf import load_hf, load_state_dict_strict, read_weights, write_weights
 
-WEIGHTS = "model.safetensors"
-CONFIG = MODEL_CONFIG_FILE
-_STEP_DIR = re.compile(r"step-(\d+)\Z")
-# Old t5forge parameter name -> its name now (issue 17: the stack's position scheme is `stack.position`).
+WEIGHTS = run_layout.MODEL_WEIGHTS
+CONFIG = run_layout.MODEL_CONFIG
+# Old t5forge parameter name -> its name now (the stack's position scheme became `stack.position`).
 LEGACY_NAMES = {
     "encoder.relative_bias.weight": "encoder.position.weight",
     "decoder.relative_bias.weight": "decoder.position.weight",
@@ -58,16 +58,8 @@ def save_model_dir(model, tokenizer, directory) -> Path:
 
 
 def newest_checkpoint(run_or_checkpoints_dir: Path) -> Path | None:
-    """The complete step-NNNNNNNN directory with the highest step (ignoring `.tmp` ones), or None."""
-    base = run_or_checkpoints_dir
-    if (base / "checkpoints").is_dir():
-        base = base / "checkpoints"
-    steps = []
-    for child in base.iterdir() if base.is_dir() else []:
-        m = _STEP_DIR.match(child.name)
-        if m and child.is_dir() and (child / WEIGHTS).is_file() and (child / CONFIG).is_file():
-            steps.append((int(m.group(1)), child))
-    return max(steps)[1] if steps else None
+    """The newest complete checkpoint of a run directory (or its checkpoints/), or None."""
+    return run_layout.newest_model_checkpoint(run_or_checkpoints_dir)
 
 
 def _parse_dtype(dtype):
