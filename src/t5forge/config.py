@@ -18,33 +18,67 @@ numbers (micro-batch, span-corruption lengths, steps from epochs or a time budge
 import dataclasses
 import difflib
 import functools
+import logging
 import os
 import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
+from t5forge.constraints import Rule, above, at_least, check, file_list, matches, not_blank, one_of, within
+from t5forge.durations import parse_time_budget
 from t5forge.errors import T5ForgeError
+from t5forge.model.components import REGISTRIES
+
+log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamwscale", "adamw", "adafactor")
 LR_SCHEDULERS = ("cosine", "legacy", "inverse_sqrt", "constant", "linear")
 PRECISIONS = ("bf16", "fp32")
 MODES = ("pt", "ft")
 ATTENTIONS = ("sdpa", "eager", "flex")
+ON_NONFINITE = ("rollback", "stop")
+DECAYING_SCHEDULES = ("cosine", "linear")  # their warmup must end before the run does
 
 
-def _key(default, doc: str):
-    """A config field with its one-line help (used by error messages and the README key table)."""
+def _key(default, doc: str, *rules: Rule):
+    """A config field with its one-line help and the rules its value must keep (t5forge.constraints).
+
+    `validate` checks every key's rules (a null value has none to keep: null means "automatic" or
+    "keep model.name's"); `--list-keys` shows them. Rules between keys are CROSS_KEY_RULES."""
+    metadata = {"help": doc, "rules": rules}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": doc})
-    return field(default=default, metadata={"help": doc})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _device_problem(value: str) -> str:
+    hint = " (write cuda for a GPU)" if value == "gpu" else ""
+    return f"must be auto, cpu, cuda or cuda:N{hint}"
+
+
+def _duration_problem(value: str) -> None:
+    parse_time_budget(value, key="optim.time_budget")  # raises its own message: how to write a duration
+
+
+_POSITIVE_OVERRIDE = at_least(1, note="or null to keep model.name's value")
+
+
+def _registered(kind: str):
+    """The value names a registered component of `kind` (model/components.py)."""
+    def problem(name):
+        known = REGISTRIES[kind]
+        return None if name in known else f"is unknown; known: {', '.join(sorted(known))}"
+
+    return check("a registered name (model/components.py)", problem)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = _key("google/t5-v1_1-base", "architecture: google/t5-v1_1-{small,base,large}, t5-small, t5-base, "
-                     "tiny, or a local HF model directory (config.json)")
+                     "tiny, or a local HF model directory (config.json)",
+                     not_blank("name an architecture or a model directory"))
     checkpoint_path: str = _key("", "start from these weights (HF T5 dir, t5forge model/checkpoint/run dir): "
                                 "continued pre-training / fine-tuning; '' = none")
     random_init: bool = _key(True, "without checkpoint_path: true = fresh weights, false = model.name's pretrained weights")
@@ -54,27 +88,33 @@ class ModelConfig:
                                                "activations while training on CPU (model/fused.py); null = on "
                                                "there for a residual stream (micro-batch x input length x "
                                                "d_model) of 400k+ elements, unless model.compile")
-    attention: str = _key("sdpa", "attention back end: sdpa | eager | flex (FlexAttention, GPU training)")
-    dropout_rate: float = _key(0.0, "dropout everywhere (nanoT5 overwrites T5's 0.1 with 0.0)")
+    attention: str = _key("sdpa", "attention back end (flex: FlexAttention, GPU training)",
+                          one_of(*ATTENTIONS))
+    dropout_rate: float = _key(0.0, "dropout everywhere (nanoT5 overwrites T5's 0.1 with 0.0)", within("[0, 1)"))
     # Architecture overrides on top of model.name (null = keep the named architecture's value).
     vocab_size: Optional[int] = _key(None, "override: embedding rows (>= the tokenizer's ids); null = a fresh "
-                                      "model's from the tokenizer, rounded up to a multiple of 128 (T5: 32128)")
-    d_model: Optional[int] = _key(None, "override: hidden size")
-    d_kv: Optional[int] = _key(None, "override: size of one attention head")
-    d_ff: Optional[int] = _key(None, "override: feed-forward inner size")
-    num_layers: Optional[int] = _key(None, "override: encoder layers (and decoder layers unless num_decoder_layers)")
-    num_decoder_layers: Optional[int] = _key(None, "override: decoder layers")
-    num_heads: Optional[int] = _key(None, "override: attention heads")
-    relative_attention_num_buckets: Optional[int] = _key(None, "override: relative position buckets")
-    relative_attention_max_distance: Optional[int] = _key(None, "override: relative position max distance")
+                                      "model's from the tokenizer, rounded up to a multiple of 128 (T5: 32128)",
+                                      _POSITIVE_OVERRIDE)
+    d_model: Optional[int] = _key(None, "override: hidden size", _POSITIVE_OVERRIDE)
+    d_kv: Optional[int] = _key(None, "override: size of one attention head", _POSITIVE_OVERRIDE)
+    d_ff: Optional[int] = _key(None, "override: feed-forward inner size", _POSITIVE_OVERRIDE)
+    num_layers: Optional[int] = _key(None, "override: encoder layers (and decoder layers unless num_decoder_layers)",
+                                     _POSITIVE_OVERRIDE)
+    num_decoder_layers: Optional[int] = _key(None, "override: decoder layers", _POSITIVE_OVERRIDE)
+    num_heads: Optional[int] = _key(None, "override: attention heads", _POSITIVE_OVERRIDE)
+    relative_attention_num_buckets: Optional[int] = _key(None, "override: relative position buckets", _POSITIVE_OVERRIDE)
+    relative_attention_max_distance: Optional[int] = _key(None, "override: relative position max distance",
+                                                          _POSITIVE_OVERRIDE)
     feed_forward_proj: Optional[str] = _key(None, "override: relu | gated-gelu | gated-silu | gelu | ...")
     tie_word_embeddings: Optional[bool] = _key(None, "override: share input embedding and LM head")
-    layer_norm_epsilon: Optional[float] = _key(None, "override: RMSNorm epsilon")
+    layer_norm_epsilon: Optional[float] = _key(None, "override: RMSNorm epsilon", above(0))
     # Components by name (model/components.py; docs/architecture.md says how to add one).
-    feed_forward: Optional[str] = _key(None, "override: feed-forward component (dense = T5's)")
-    position: Optional[str] = _key(None, "override: position scheme (t5_bias = T5's relative bias)")
-    block: Optional[str] = _key(None, "override: block component (pre_norm = T5's)")
-    encoder: Optional[str] = _key(None, "override: encoder component (stack = T5's)")
+    feed_forward: Optional[str] = _key(None, "override: feed-forward component (dense = T5's)",
+                                       _registered("feed_forward"))
+    position: Optional[str] = _key(None, "override: position scheme (t5_bias = T5's relative bias)",
+                                   _registered("position"))
+    block: Optional[str] = _key(None, "override: block component (pre_norm = T5's)", _registered("block"))
+    encoder: Optional[str] = _key(None, "override: encoder component (stack = T5's)", _registered("encoder"))
 
     def architecture_overrides(self) -> dict:
         """The set architecture fields, as T5Config keyword arguments."""
@@ -92,65 +132,68 @@ ARCHITECTURE_KEYS = (
 class DataConfig:
     dataset: str = _key("allenai/c4", "HF dataset used when train_files is empty ('' = none)")
     dataset_config: str = _key("en", "its configuration name")
-    train_files: List[str] = _key([], "local text files (json/jsonl/parquet/txt, .gz ok) instead of the Hub dataset")
-    validation_files: List[str] = _key([], "held-out files (empty + Hub dataset: its validation split)")
+    train_files: List[str] = _key([], "local text files (json/jsonl/parquet/txt, .gz ok) instead of the Hub dataset",
+                                  file_list())
+    validation_files: List[str] = _key([], "held-out files (empty + Hub dataset: its validation split)", file_list())
     text_field: str = _key("text", "field holding the text in json/parquet records")
-    tokenizer: str = _key("google/t5-v1_1-base", "spiece.model, tokenizer.json, a directory holding one, or a Hub id")
-    input_length: int = _key(512, "encoder tokens per pre-training example (after span corruption)")
-    mlm_probability: float = _key(0.15, "span-corruption noise density")
-    mean_noise_span_length: float = _key(3.0, "mean corrupted span length")
-    num_workers: int = _key(8, "data loader worker processes per rank")
+    tokenizer: str = _key("google/t5-v1_1-base", "spiece.model, tokenizer.json, a directory holding one, or a Hub id",
+                          not_blank("name a tokenizer (spiece.model, tokenizer.json, a directory or a Hub id)"))
+    input_length: int = _key(512, "encoder tokens per pre-training example (after span corruption)", at_least(8))
+    mlm_probability: float = _key(0.15, "span-corruption noise density", within("(0, 1)"))
+    mean_noise_span_length: float = _key(3.0, "mean corrupted span length", at_least(1.0))
+    num_workers: int = _key(8, "data loader worker processes per rank", at_least(0))
     shuffle_buffer: int = _key(10000, "training chunks shuffled together, as nanoT5's 10,000-example buffer "
-                               "(here: consecutive blocks of this many chunks, each permuted); 0 = corpus order")
+                               "(here: consecutive blocks of this many chunks, each permuted); 0 = corpus order",
+                               at_least(0))
     allow_changed_files: bool = _key(False, "resume even though the training files changed since the checkpoint "
                                      "(added, removed, resized or rewritten): continue from the saved position")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = _key("adamwscale", "adamwscale | adamw | adafactor")
-    base_lr: float = _key(2e-2, "peak learning rate (the `legacy` schedule ignores it)")
-    batch_size: int = _key(128, "global sequences per optimizer step (all ranks, all micro-steps)")
+    name: str = _key("adamwscale", "the optimizer (adamwscale: nanoT5's AdamW, each step scaled by the weight's RMS)", one_of(*OPTIMIZERS))
+    base_lr: float = _key(2e-2, "peak learning rate (the `legacy` schedule ignores it)", above(0))
+    batch_size: int = _key(128, "global sequences per optimizer step (all ranks, all micro-steps)", at_least(1))
     total_steps: int = _key(65536, "optimizer steps (schedule length); -1 with epochs > 0")
     epochs: int = _key(-1, "fine-tuning: > 0 sets total_steps from the data size")
-    warmup_steps: int = _key(10000, "warmup steps")
-    lr_scheduler: str = _key("cosine", "cosine | legacy | inverse_sqrt | constant | linear")
+    warmup_steps: int = _key(10000, "warmup steps", at_least(0))
+    lr_scheduler: str = _key("cosine", "learning-rate schedule after the warmup (legacy: nanoT5's, ignores base_lr)", one_of(*LR_SCHEDULERS))
     final_cosine: float = _key(1e-5, "cosine: lr at the end (absolute)")
-    weight_decay: float = _key(0.0, "decoupled weight decay, matrices only (p.dim() >= 2)")
-    grad_clip: float = _key(1.0, "clip the global grad norm to this (0 = off)")
-    grad_acc: int = _key(1, "micro-steps per optimizer step (per rank)")
+    weight_decay: float = _key(0.0, "decoupled weight decay, matrices only (p.dim() >= 2)", at_least(0.0))
+    grad_clip: float = _key(1.0, "clip the global grad norm to this (0 = off)", at_least(0.0))
+    grad_acc: int = _key(1, "micro-steps per optimizer step (per rank)", at_least(1))
     max_nonfinite_steps: int = _key(8, "stop after this many optimizer steps in a row with a NaN/inf loss or "
-                                    "gradient (each is skipped: no update)")
+                                    "gradient (each is skipped: no update)", at_least(1))
     on_nonfinite: str = _key("rollback", "after optim.max_nonfinite_steps bad steps in a row: 'rollback' to the last "
-                             "checkpoint with the learning rate times optim.rollback_lr_factor, or 'stop'")
-    rollback_lr_factor: float = _key(0.5, "each rollback multiplies the learning rate by this, in (0, 1]")
-    max_rollbacks: int = _key(3, "stop instead of rolling back once this many rollbacks were done")
-    time_budget: str = _key("", "training-time budget (4h, 90m, 1h30m); drives the schedule; '' = none")
+                             "checkpoint with the learning rate times optim.rollback_lr_factor, or 'stop'",
+                             one_of(*ON_NONFINITE))
+    rollback_lr_factor: float = _key(0.5, "each rollback multiplies the learning rate by this", within("(0, 1]"))
+    max_rollbacks: int = _key(3, "stop instead of rolling back once this many rollbacks were done", at_least(0))
+    time_budget: str = _key("", "training-time budget (4h, 90m, 1h30m); drives the schedule; '' = none",
+                            check("a duration (4h, 90m, 1h30m, 45s) or ''", _duration_problem))
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     every_steps: Optional[int] = _key(100000, "evaluate every N optimizer steps (and at the end); null = automatic: "
-                                      "about 10 evaluations a run")
-    steps: int = _key(500, "batches per evaluation (0 = no evaluation)")
+                                      "about 10 evaluations a run", at_least(1))
+    steps: int = _key(500, "batches per evaluation (0 = no evaluation)", at_least(0))
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
     every_steps: Optional[int] = _key(100000, "save every N optimizer steps (and at the end); null = automatic: "
-                                      "about 10 checkpoints a run")
-    keep_last: int = _key(3, "checkpoints kept on disk (0 = all)")
+                                      "about 10 checkpoints a run", at_least(1))
+    keep_last: int = _key(3, "checkpoints kept on disk (0 = all)", at_least(0))
     every_minutes: float = _key(0.0, "also save when this many minutes of wall clock have passed since the "
-                                "last save, so a crash costs at most that much (0 = off)")
+                                "last save, so a crash costs at most that much (0 = off)", at_least(0.0))
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
     every_steps: Optional[int] = _key(None, "log train metrics every N optimizer steps; null = automatic: about 100 "
                                       "points a run, at most every 100 steps (nanoT5's). Step 1 and at least 10 "
-                                      "points of the lr warmup are logged too")
-    grad_l2: bool = _key(True, "log the gradient norm")
-    weights_l2: bool = _key(True, "log the weight norm")
+                                      "points of the lr warmup are logged too", at_least(1))
     tensorboard: bool = _key(False, "also write TensorBoard events to out_dir/tensorboard")
     wandb: bool = _key(False, "also log config and metrics to Weights & Biases (pip install wandb; WANDB_MODE=offline "
                        "needs no account); a resumed run continues the same W&B run")
@@ -160,38 +203,39 @@ class LoggingConfig:
 @dataclass(frozen=True)
 class FinetuneConfig:
     sni_dir: str = _key("", "Super-NaturalInstructions folder (splits/default/, tasks/)")
-    train_files: List[str] = _key([], "or: seq2seq files (jsonl/json/csv/parquet, .gz ok)")
-    validation_files: List[str] = _key([], "seq2seq files for evaluation")
+    train_files: List[str] = _key([], "or: seq2seq files (jsonl/json/csv/parquet, .gz ok)", file_list())
+    validation_files: List[str] = _key([], "seq2seq files for evaluation", file_list())
     input_field: str = _key("input", "seq2seq files: source field")
     target_field: str = _key("target", "seq2seq files: target field (string or list of references)")
-    max_seq_len: int = _key(1024, "encoder tokens (prompts are cut to this)")
-    max_target_len: int = _key(128, "decoder tokens (and generation length at evaluation)")
-    max_num_instances_per_task: int = _key(100, "SNI instances per task")
+    max_seq_len: int = _key(1024, "encoder tokens (prompts are cut to this)", at_least(1))
+    max_target_len: int = _key(128, "decoder tokens (and generation length at evaluation)", at_least(1))
+    max_num_instances_per_task: int = _key(100, "SNI instances per task", at_least(1))
     add_task_name: bool = _key(False, "SNI prompt: task name")
     add_task_definition: bool = _key(True, "SNI prompt: task definition")
-    num_pos_examples: int = _key(2, "SNI prompt: positive examples")
-    num_neg_examples: int = _key(0, "SNI prompt: negative examples")
+    num_pos_examples: int = _key(2, "SNI prompt: positive examples", at_least(0))
+    num_neg_examples: int = _key(0, "SNI prompt: negative examples", at_least(0))
     add_explanation: bool = _key(False, "SNI prompt: example explanations")
     pack: bool = _key(False, "padding-free training batches: several examples per row, same loss as padded")
     pack_source_len: int = _key(0, "packed row capacity in encoder tokens, at least the micro-batch's longest "
                                 "source (0 = automatic: the whole micro-batch in one row with attention=sdpa on "
-                                "CPU, else the longest source; longer rows also pay off with attention=flex)")
+                                "CPU, else the longest source; longer rows also pay off with attention=flex)", at_least(0))
     pack_target_len: int = _key(0, "packed row capacity in target tokens, at least the micro-batch's longest target "
-                                "(0 = automatic, as pack_source_len)")
+                                "(0 = automatic, as pack_source_len)", at_least(0))
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    mode: str = _key("pt", "pt (pre-training) | ft (fine-tuning); set by the presets")
+    mode: str = _key("pt", "pt (pre-training) | ft (fine-tuning); set by the presets", one_of(*MODES))
     seed: int = _key(2137, "random seed (model init, data order, span corruption)")
-    precision: str = _key("bf16", "bf16 (autocast, fp32 weights) | fp32")
-    device: str = _key("auto", "auto | cpu | cuda | cuda:N")
+    precision: str = _key("bf16", "bf16 (autocast, fp32 weights) | fp32", one_of(*PRECISIONS))
+    device: str = _key("auto", "where to compute (auto: this rank's GPU when there is one, else the CPU)",
+                       matches(r"auto|cpu|cuda(:\d+)?", "auto | cpu | cuda | cuda:N", _device_problem))
     out_dir: str = _key("", "run directory ('' = runs/<command>-<date>-<time>)")
     resume: str = _key("false", "false | auto (newest checkpoint in out_dir, a fresh start when none; needs an "
                        "explicit out_dir) | a checkpoint path; not saved in the run's config.yaml")
     stop_at_step: int = _key(0, "end this process after this step with a checkpoint (the schedule still spans "
                              "the whole run; resume=auto continues it); 0 = run to the end; not saved in the "
-                             "run's config.yaml")
+                             "run's config.yaml", at_least(0, note="0 = run to the end"))
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -234,10 +278,32 @@ def is_key(path: str) -> bool:
         return False
 
 
+# Keys accepted once and never read. An older run's saved config.yaml still names them, so a config
+# file drops them with a warning (the run reloads and resumes); an override or a preset naming one
+# gets the unknown-key error, saying why the key went.
+RETIRED_KEYS = {
+    "logging.grad_l2": "the gradient norm is always logged, as grad_norm",
+    "logging.weights_l2": "the weight norm was never logged",
+}
+
+
+def _drop_retired(d: dict, source: str) -> dict:
+    """`d` (a config file's mapping) without RETIRED_KEYS, each dropped with a warning."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    for key, why in RETIRED_KEYS.items():
+        section, name = key.split(".")
+        if isinstance(out.get(section), dict) and name in out[section]:
+            del out[section][name]
+            log.warning("%s: ignoring %s, no longer a config key (%s); delete the line", source, key, why)
+    return out
+
+
 def _unknown_key_message(path, part, cls, prefix, source) -> str:
     valid = list(_type_hints(cls))
     close = difflib.get_close_matches(part, valid, n=1)
     hint = f" (did you mean {'.'.join(filter(None, [prefix, close[0]]))}?)" if close else ""
+    if path in RETIRED_KEYS:
+        hint = f" (removed: {RETIRED_KEYS[path]})"
     where = f"in {prefix}" if prefix else "at the top level"
     extra = "; task=NAME and config=PATH are command-line selectors, not keys" if part in ("task", "config") else ""
     return f"{source}: unknown config key {path!r}{hint}; valid keys {where}: {', '.join(valid)}{extra}"
@@ -275,27 +341,17 @@ def _yaml_scalar(value) -> str:
     return "''" if value == "" else str(value)
 
 
-def describe_keys(cfg: Optional[RunConfig] = None) -> list[tuple[str, str, str, str]]:
-    """(key, type, value, help) for every leaf key, in schema order (for docs and `--list-keys`).
+def describe_keys(cfg: Optional[RunConfig] = None) -> list[tuple[str, str, str, str, str]]:
+    """(key, type, value, help, constraint) for every leaf key, in schema order (for docs and
+    `--list-keys`); the constraint is `constraint_text(key)`, '' for a key without rules.
 
     The value is the schema default, or `cfg`'s value when given (a preset's, a file's: what
     `--list-keys task=pt_cpu` shows)."""
     rows = []
-
-    def walk(cls, prefix, values):
-        hints = _type_hints(cls)
-        for f in dataclasses.fields(cls):
-            key = f"{prefix}{f.name}"
-            if _is_section(hints[f.name]):
-                walk(hints[f.name], key + ".", getattr(values, f.name) if values is not None else None)
-                continue
-            if values is not None:
-                value = getattr(values, f.name)
-            else:
-                value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((key, _describe_type(hints[f.name]), _yaml_scalar(value), f.metadata.get("help", "")))
-
-    walk(RunConfig, "", cfg)
+    for key, f, tp, value in _leaves(values=cfg):
+        if cfg is None:
+            value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((key, _describe_type(tp), _yaml_scalar(value), f.metadata.get("help", ""), constraint_text(key)))
     return rows
 
 
@@ -401,7 +457,8 @@ def load_config(argv_overrides: list[str], base=None) -> RunConfig:
     if task is not None:
         conf = _merge(conf, _checked(get_preset(task), f"preset {task!r}"), f"preset {task!r}")
     if config_path is not None:
-        conf = _merge(conf, _checked(_read_yaml(config_path), f"config file {config_path}"), f"config file {config_path}")
+        source = f"config file {config_path}"
+        conf = _merge(conf, _checked(_drop_retired(_read_yaml(config_path), source), source), source)
     for key, text, item in overrides:
         source = f"override {item!r}"
         tp, _ = _resolve(key, source)
@@ -532,113 +589,100 @@ def _fail(key: str, value, what: str):
     raise T5ForgeError(f"config key {key}={value!r}: {what}")
 
 
-def _choice(key: str, value, choices) -> None:
-    if value not in choices:
-        _fail(key, value, f"must be one of {', '.join(choices)}")
+def warmup_fits(lr_scheduler: str, warmup_steps: int, total_steps: int) -> bool:
+    """The one rule between warmup and run length: cosine and linear decay after the warmup, so it
+    must end before the run does. The config checks it for a fixed optim.total_steps, the Plan for
+    steps derived from optim.epochs."""
+    return lr_scheduler not in DECAYING_SCHEDULES or warmup_steps < total_steps
 
 
-def _at_least(key: str, value, low) -> None:
-    if value < low:
-        _fail(key, value, f"must be >= {low}")
+@dataclass(frozen=True)
+class CrossKeyRule:
+    """A rule between keys: `problem(cfg)` says what is wrong with `key` (None when fine); `text`
+    is shown by --list-keys next to the key's own rules. Checked after every key's own rules, so
+    it may rely on them (e.g. optim.grad_acc >= 1)."""
+    key: str
+    text: str
+    problem: Callable[[RunConfig], Optional[str]]
+
+
+def _if(condition: bool, what: str) -> Optional[str]:
+    return what if condition else None
+
+
+# Every rule that involves more than one key, in one place (each key's own rules sit on its _key).
+CROSS_KEY_RULES = (
+    CrossKeyRule("data.dataset", "needed for pre-training unless data.train_files", lambda c: _if(
+        c.mode == "pt" and not c.data.train_files and not c.data.dataset.strip(),
+        "is empty and data.train_files too: give one of them")),
+    CrossKeyRule("optim.batch_size", "divisible by optim.grad_acc", lambda c: _if(
+        c.optim.batch_size % c.optim.grad_acc != 0, f"must be divisible by optim.grad_acc={c.optim.grad_acc}")),
+    CrossKeyRule("optim.total_steps", ">= 1 unless optim.epochs > 0", lambda c: _if(
+        c.optim.epochs <= 0 and c.optim.total_steps < 1, "must be >= 1 (or set optim.epochs > 0 when fine-tuning)")),
+    CrossKeyRule("optim.epochs", "fine-tuning only", lambda c: _if(
+        c.optim.epochs > 0 and c.mode == "pt",
+        "applies to fine-tuning only; pre-training streams data, set optim.total_steps")),
+    CrossKeyRule("optim.warmup_steps", ">= 1 for inverse_sqrt", lambda c: _if(
+        c.optim.lr_scheduler == "inverse_sqrt" and c.optim.warmup_steps < 1,
+        "must be >= 1 for inverse_sqrt (lr = base_lr * sqrt(warmup / step))")),
+    CrossKeyRule("optim.warmup_steps", f"< optim.total_steps for {', '.join(DECAYING_SCHEDULES)}", lambda c: _if(
+        c.optim.epochs <= 0 and c.optim.total_steps >= 1
+        and not warmup_fits(c.optim.lr_scheduler, c.optim.warmup_steps, c.optim.total_steps),
+        f"must be < optim.total_steps={c.optim.total_steps} for {c.optim.lr_scheduler}")),
+    CrossKeyRule("optim.final_cosine", "in [0, optim.base_lr]", lambda c: _if(
+        not 0 <= c.optim.final_cosine <= c.optim.base_lr, f"must be in [0, optim.base_lr={c.optim.base_lr}]")),
+)
+
+
+def _leaves(cls=None, prefix: str = "", values=None):
+    """(dotted key, dataclass field, type, value or None) for every leaf key, in schema order."""
+    cls = cls or RunConfig
+    hints = _type_hints(cls)
+    for f in dataclasses.fields(cls):
+        value = getattr(values, f.name) if values is not None else None
+        if _is_section(hints[f.name]):
+            yield from _leaves(hints[f.name], f"{prefix}{f.name}.", value)
+        else:
+            yield f"{prefix}{f.name}", f, hints[f.name], value
+
+
+@functools.lru_cache(maxsize=None)
+def _rules() -> dict:
+    return {key: f.metadata.get("rules", ()) for key, f, _, _ in _leaves()}
+
+
+def check_value(key: str, value) -> None:
+    """`key`'s own rules on `value` (None passes: null means automatic); the T5ForgeError names the
+    key, the value and what it must be. Code that takes a config value as an argument checks it
+    here, so it keeps the config's rule and wording."""
+    if value is None:
+        return
+    for rule in _rules()[key]:
+        what = rule.problem(value)
+        if what:
+            _fail(key, value, what)
 
 
 def validate(cfg: RunConfig) -> None:
-    """Checks that need no file system and no other module; the Plan checks what depends on world size."""
-    _choice("mode", cfg.mode, MODES)
-    _choice("precision", cfg.precision, PRECISIONS)
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
-        hint = " (write cuda for a GPU)" if cfg.device == "gpu" else ""
-        _fail("device", cfg.device, f"must be auto, cpu, cuda or cuda:N{hint}")
+    """Every key's own rules, then CROSS_KEY_RULES: the checks that need no file system and no other
+    module; the Plan checks what depends on the world size or the data."""
+    for key, _, _, value in _leaves(values=cfg):
+        check_value(key, value)
+    for rule in CROSS_KEY_RULES:
+        what = rule.problem(cfg)
+        if what:
+            section, _, name = rule.key.rpartition(".")
+            _fail(rule.key, getattr(getattr(cfg, section) if section else cfg, name), what)
 
-    if cfg.stop_at_step < 0:
-        _fail("stop_at_step", cfg.stop_at_step, "must be >= 0 (0 = run to the end)")
 
-    m = cfg.model
-    if not m.name.strip():
-        _fail("model.name", m.name, "must name an architecture or a model directory")
-    _choice("model.attention", m.attention, ATTENTIONS)
-    if not 0.0 <= m.dropout_rate < 1.0:
-        _fail("model.dropout_rate", m.dropout_rate, "must be in [0, 1)")
-    for k in ARCHITECTURE_KEYS:
-        v = getattr(m, k)
-        if isinstance(v, int) and not isinstance(v, bool) and v < 1:
-            _fail(f"model.{k}", v, "must be a positive integer (or null to keep model.name's value)")
-    if m.layer_norm_epsilon is not None and m.layer_norm_epsilon <= 0:
-        _fail("model.layer_norm_epsilon", m.layer_norm_epsilon, "must be > 0")
-    for kind in ("feed_forward", "position", "block", "encoder"):
-        if getattr(m, kind) is not None:
-            from t5forge.model.components import component  # the registries (imports torch): only when named
-
-            component(kind, getattr(m, kind))
-
-    for key in ("data.train_files", "data.validation_files", "finetune.train_files", "finetune.validation_files"):
-        section, name = key.split(".")
-        files = getattr(getattr(cfg, section), name)
-        if not all(isinstance(f, str) and f for f in files):
-            _fail(key, files, "must be a list of file paths, like [a.jsonl,b.jsonl]")
-
-    d = cfg.data
-    if cfg.mode == "pt" and not d.train_files and not d.dataset.strip():
-        _fail("data.dataset", d.dataset, "is empty and data.train_files too: give one of them")
-    _at_least("data.input_length", d.input_length, 8)
-    if not 0.0 < d.mlm_probability < 1.0:
-        _fail("data.mlm_probability", d.mlm_probability, "must be in (0, 1)")
-    _at_least("data.mean_noise_span_length", d.mean_noise_span_length, 1.0)
-    _at_least("data.num_workers", d.num_workers, 0)
-    _at_least("data.shuffle_buffer", d.shuffle_buffer, 0)
-    if not d.tokenizer.strip():
-        _fail("data.tokenizer", d.tokenizer, "must name a tokenizer (spiece.model, tokenizer.json, a directory or a Hub id)")
-
-    o = cfg.optim
-    _choice("optim.name", o.name, OPTIMIZERS)
-    _choice("optim.lr_scheduler", o.lr_scheduler, LR_SCHEDULERS)
-    if not o.base_lr > 0:
-        _fail("optim.base_lr", o.base_lr, "must be > 0")
-    _at_least("optim.batch_size", o.batch_size, 1)
-    _at_least("optim.grad_acc", o.grad_acc, 1)
-    if o.batch_size % o.grad_acc:
-        _fail("optim.batch_size", o.batch_size, f"must be divisible by optim.grad_acc={o.grad_acc}")
-    if o.epochs <= 0 and o.total_steps < 1:
-        _fail("optim.total_steps", o.total_steps, "must be >= 1 (or set optim.epochs > 0 when fine-tuning)")
-    if o.epochs > 0 and cfg.mode == "pt":
-        _fail("optim.epochs", o.epochs, "applies to fine-tuning only; pre-training streams data, set optim.total_steps")
-    _at_least("optim.warmup_steps", o.warmup_steps, 0)
-    if o.lr_scheduler == "inverse_sqrt" and o.warmup_steps < 1:
-        _fail("optim.warmup_steps", o.warmup_steps, "must be >= 1 for inverse_sqrt (lr = base_lr * sqrt(warmup / step))")
-    if o.total_steps >= 1 and o.epochs <= 0 and o.lr_scheduler in ("cosine", "linear") and o.warmup_steps >= o.total_steps:
-        _fail("optim.warmup_steps", o.warmup_steps, f"must be < optim.total_steps={o.total_steps} for {o.lr_scheduler}")
-    if not 0 <= o.final_cosine <= o.base_lr:
-        _fail("optim.final_cosine", o.final_cosine, f"must be in [0, optim.base_lr={o.base_lr}]")
-    _at_least("optim.weight_decay", o.weight_decay, 0.0)
-    _at_least("optim.grad_clip", o.grad_clip, 0.0)
-    _at_least("optim.max_nonfinite_steps", o.max_nonfinite_steps, 1)
-    if o.on_nonfinite not in ("rollback", "stop"):
-        raise T5ForgeError(f"optim.on_nonfinite must be 'rollback' or 'stop', got {o.on_nonfinite!r}")
-    if not 0.0 < o.rollback_lr_factor <= 1.0:
-        raise T5ForgeError(f"optim.rollback_lr_factor must be in (0, 1], got {o.rollback_lr_factor}")
-    _at_least("optim.max_rollbacks", o.max_rollbacks, 0)
-    time_budget_seconds(cfg)  # raises on a malformed duration
-
-    for key in ("eval.every_steps", "checkpoint.every_steps", "logging.every_steps"):  # null: the plan decides
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) is not None:
-            _at_least(key, getattr(getattr(cfg, section), name), 1)
-    _at_least("eval.steps", cfg.eval.steps, 0)
-    _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 0)
-    _at_least("checkpoint.every_minutes", cfg.checkpoint.every_minutes, 0.0)
-
-    f = cfg.finetune
-    _at_least("finetune.max_seq_len", f.max_seq_len, 1)
-    _at_least("finetune.max_target_len", f.max_target_len, 1)
-    _at_least("finetune.max_num_instances_per_task", f.max_num_instances_per_task, 1)
-    _at_least("finetune.num_pos_examples", f.num_pos_examples, 0)
-    _at_least("finetune.num_neg_examples", f.num_neg_examples, 0)
-    _at_least("finetune.pack_source_len", f.pack_source_len, 0)
-    _at_least("finetune.pack_target_len", f.pack_target_len, 0)
+def constraint_text(key: str) -> str:
+    """`key`'s rules as --list-keys shows them: its own, then those it shares with other keys
+    (">= 1; divisible by optim.grad_acc"); '' for a key without rules."""
+    texts = [rule.text for rule in _rules()[key]] + [rule.text for rule in CROSS_KEY_RULES if rule.key == key]
+    nullable = type(None) in typing.get_args(_resolve(key, "constraint_text")[0])
+    return "; ".join(texts) + (", or null" if texts and nullable else "")
 
 
 def time_budget_seconds(cfg: RunConfig) -> Optional[float]:
     """optim.time_budget in seconds, or None when there is no budget."""
-    from t5forge.train.timing import parse_time_budget
-
     return parse_time_budget(cfg.optim.time_budget, key="optim.time_budget")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from t5forge.config import RunConfig, time_budget_seconds
+from t5forge.config import RunConfig, time_budget_seconds, warmup_fits
 from t5forge.errors import T5ForgeError
 
 
@@ -212,7 +212,7 @@ def make_plan(cfg: RunConfig, world_size: int = 1, train_examples: Optional[int]
         total_steps = math.ceil(train_examples / o.batch_size) * o.epochs
     else:
         total_steps = o.total_steps
-    if o.lr_scheduler in ("cosine", "linear") and o.warmup_steps >= total_steps:
+    if not warmup_fits(o.lr_scheduler, o.warmup_steps, total_steps):  # the config's rule, on the derived steps
         raise T5ForgeError(
             f"optim.warmup_steps={o.warmup_steps} must be < the {total_steps} training steps for the "
             f"{o.lr_scheduler} schedule"

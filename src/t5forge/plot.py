@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from t5forge.errors import T5ForgeError
-from t5forge.train.metrics_log import METRICS_FILE, read_metrics
+from t5forge.run_layout import METRICS as METRICS_FILE
+from t5forge.run_layout import PLOTS
+from t5forge.train.metrics_log import read_metrics
 
 BOOKKEEPING = frozenset({"step", "kind", "time", "best"})
 BOOKKEEPING_SUFFIXES = ("_tokens", "_examples", "_batches", "_steps", "_seconds")
@@ -115,7 +117,7 @@ def plot_run(run_dir: str | Path, output_dir: str | Path | None = None) -> list[
     built = figures(records, run_dir.resolve().name)
     if not built:
         raise T5ForgeError(f"{metrics} has no loss, lr or throughput values to plot")
-    out = Path(output_dir) if output_dir is not None else run_dir / "plots"
+    out = Path(output_dir) if output_dir is not None else run_dir / PLOTS
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for stem, fig in built.items():

@@ -14,9 +14,9 @@ from t5forge.data.packing import assign_rows, pack_seq2seq
 from t5forge.data.seq2seq import collate_packed, collate_seq2seq
 from t5forge.errors import T5ForgeError
 from t5forge.model.config import T5Config
+from t5forge.model.loss import seq2seq_loss
 from t5forge.model.t5 import T5
 from t5forge.train.loop import count_tokens
-from t5forge.model.loss import seq2seq_loss
 
 
 def unpack(batch):

@@ -10,12 +10,12 @@ import torch
 from fast_cases import summed_nll
 
 from t5forge.config import load_config
+from t5forge.distributed import World
 from t5forge.model import fast
 from t5forge.model.config import T5Config
 from t5forge.model.fast import compiled as fused
 from t5forge.model.loss import TokenNLL
 from t5forge.model.t5 import T5
-from t5forge.train.distributed import World
 from t5forge.train.setup import training_model
 
 # torch's own modules, imported by the compiler, warn about their deprecated APIs.

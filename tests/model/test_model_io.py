@@ -1,17 +1,21 @@
 """Model directories: HF export/import, t5forge model dirs, checkpoints, run dirs, and their errors."""
 
+import dataclasses
 import json
 import logging
 import shutil
 
 import pytest
 import torch
-from hf_twins import hf_reference, padded_batch
+from hf_twins import CONFIGS, hf_reference, padded_batch, t5forge_config
 
 from t5forge.errors import T5ForgeError
+from t5forge.model import components
 from t5forge.model.config import T5Config
-from t5forge.model.hf import export_hf, load_hf
-from t5forge.model.load import load_model, newest_checkpoint, save_model_dir
+from t5forge.model.hf import (HF_COMPONENTS, HF_REDUNDANT, export_hf, hf_parameter_shapes, load_hf,
+                               t5forge_to_hf_name)
+from t5forge.model.load import (LEGACY_NAMES, legacy_renames, load_model, newest_checkpoint, save_model_dir,
+                                upgrade_state_dict)
 from t5forge.model.t5 import T5
 from t5forge.tokenizer import load_tokenizer
 
@@ -175,3 +179,107 @@ def test_hub_id_offline_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(T5ForgeError, match="'t5forge-tests/no-such-model' is not a local path, and the Hugging Face Hub is not available"):
         load_model("t5forge-tests/no-such-model")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Export knows what HF's T5 can express, and refuses the rest before writing anything.
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_hf_parameter_shapes_are_what_transformers_builds(name):
+    config = t5forge_config(name)
+    hf_sd = hf_reference(config).state_dict()
+    expected = {k: tuple(v.shape) for k, v in hf_sd.items() if k not in HF_REDUNDANT}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")  # transformers keeps the tied alias; it is not a weight of its own
+    assert hf_parameter_shapes(config) == expected
+
+
+def refused(model, tmp_path, message):
+    with pytest.raises(T5ForgeError, match=message) as err:
+        export_hf(model, None, tmp_path / "hf")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "hf").exists()  # checked before any file is written
+    return str(err.value)
+
+
+@pytest.mark.parametrize("field, hf_kind", sorted(HF_COMPONENTS.items()))
+def test_export_refuses_a_component_hf_t5_lacks(tmp_path, monkeypatch, field, hf_kind):
+    name = "squared_relu" if field == "feed_forward" else "other"
+    if name == "other":  # no other component of this kind exists yet: T5's own class under another name
+        monkeypatch.setitem(components.REGISTRIES[field], "other", components.component(field, hf_kind))
+    model = T5(tiny(False).config.replace(**{field: name}))
+    text = refused(model, tmp_path, rf"cannot export to HF T5: model\.{field}='{name}' has no HF T5 equivalent")
+    assert f"HF's T5 knows {hf_kind!r}" in text and "keep the t5forge checkpoint" in text
+
+
+@dataclasses.dataclass(frozen=True)
+class QKNormConfig(T5Config):
+    qk_norm: bool = False  # a later t5forge-only setting: its default is T5's behaviour
+
+
+def test_export_refuses_a_t5forge_setting_hf_t5_lacks(tmp_path):
+    model = tiny(False)
+    model.config = QKNormConfig(**dataclasses.asdict(model.config), qk_norm=True)
+    refused(model, tmp_path, r"model\.qk_norm=True has no HF T5 equivalent")
+    model.config = model.config.replace(qk_norm=False, attention_backend="eager")
+    export_hf(model, None, tmp_path / "hf")  # the default and the compute back end export
+    assert "qk_norm" not in json.loads((tmp_path / "hf" / "config.json").read_text())
+
+
+def _module_of(model, hf_name):
+    """(parent module, attribute) of the t5forge module holding HF's weight `hf_name`."""
+    ours = next(n for n in model.state_dict() if t5forge_to_hf_name(n) == hf_name)
+    parent, attr = ours.removesuffix(".weight").rsplit(".", 1)
+    return model.get_submodule(parent), attr
+
+
+@pytest.mark.parametrize("stack", ["encoder", "decoder"])
+def test_export_refuses_a_model_without_its_relative_bias(tmp_path, stack):
+    model = tiny(True)
+    hf_name = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    parent, attr = _module_of(model, hf_name)
+    setattr(parent, attr, torch.nn.Identity())  # a position scheme without weights
+    text = refused(model, tmp_path, "cannot export to HF T5: the model has no weight for HF's")
+    assert hf_name in text and "at random" in text
+
+
+def test_export_refuses_a_weight_hf_t5_has_no_place_for(tmp_path):
+    model = tiny(False)
+    model.encoder.gate = torch.nn.Linear(4, 4, bias=False)
+    refused(model, tmp_path, r"the model's weight 'encoder\.gate\.weight' has no place in HF's T5")
+    del model.encoder.gate
+    model.lm_head = torch.nn.Linear(64, 77, bias=False)
+    refused(model, tmp_path, r"weight 'lm_head\.weight' has shape \(77, 64\) but HF's T5 for this config has")
+    tied = tiny(True)
+    tied.lm_head = torch.nn.Linear(64, tied.config.vocab_size, bias=False)  # untied weights, tied config
+    refused(tied, tmp_path, r"HF's T5 for this config has no lm_head\.weight")
+
+
+# ---------------------------------------------------------------------------------------------------
+# t5forge's own directories: parameters saved under an older name still load.
+
+def test_legacy_names_are_renamed_to_the_models_names():
+    a, b, c = torch.zeros(1), torch.ones(1), torch.full((1,), 2.0)
+    old = {"encoder.relative_bias.weight": a, "decoder.relative_bias.weight": b, "shared.weight": c}
+    now = {"encoder.position.weight", "decoder.position.weight", "shared.weight"}
+    assert LEGACY_NAMES == {"encoder.relative_bias.weight": "encoder.position.weight",
+                            "decoder.relative_bias.weight": "decoder.position.weight"}
+    assert upgrade_state_dict(old, now) == {"encoder.position.weight": a, "decoder.position.weight": b,
+                                            "shared.weight": c}
+    # nothing is renamed for a model that still has the old name, nor onto a name the file already holds
+    assert upgrade_state_dict(old, set(old)) == old
+    both = {**old, "encoder.position.weight": c}
+    assert legacy_renames(both, now) == {"decoder.relative_bias.weight": "decoder.position.weight"}
+
+
+def test_a_model_dir_saved_under_legacy_names_loads(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny(False)
+    save_model_dir(model, None, tmp_path)
+    stored = load_file(str(tmp_path / "model.safetensors"))
+    old_name = {new: old for old, new in LEGACY_NAMES.items()}
+    save_file({old_name.get(k, k): v for k, v in stored.items()}, str(tmp_path / "model.safetensors"))
+    assert set(LEGACY_NAMES) <= set(load_file(str(tmp_path / "model.safetensors")))
+    loaded, _ = load_model(tmp_path)
+    torch.testing.assert_close(logits(loaded.eval()), logits(model))

@@ -88,7 +88,7 @@ def test_signal_saves_a_checkpoint_and_resume_is_exact(sig, tmp_path, tiny_pretr
 
 
 def test_second_ctrl_c_aborts_at_once(tmp_path, tiny_pretrain_args):
-    from t5forge.train.stop_signals import StopRequests
+    from t5forge.stop_signals import StopRequests
 
     # In-process: the first SIGINT is recorded, the second raises (a real signal to ourselves).
     with StopRequests() as stops:

@@ -90,7 +90,7 @@ def _held_out_batches(run_dir):
     from t5forge.config import load_config
     from t5forge.plan import make_plan
     from t5forge.tokenizer import load_tokenizer
-    from t5forge.train.distributed import World
+    from t5forge.distributed import World
     from t5forge.train.pretrain import build_loader
 
     cfg = load_config([f"config={run_dir / 'config.yaml'}"])

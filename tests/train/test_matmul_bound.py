@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 
 from t5forge.model.config import T5Config
-from t5forge.model.t5 import T5
 from t5forge.model.loss import seq2seq_loss
+from t5forge.model.t5 import T5
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from matmul_bound import TensorSpec, record_matmuls, replay_times

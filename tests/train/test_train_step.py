@@ -4,9 +4,9 @@ the target tokens of the whole step, not averaged per micro-batch (nanoT5's bias
 import torch
 
 from t5forge.model.config import T5Config
+from t5forge.model.loss import seq2seq_loss
 from t5forge.model.t5 import T5
 from t5forge.train.loop import train_step
-from t5forge.model.loss import seq2seq_loss
 
 
 def make_batches():

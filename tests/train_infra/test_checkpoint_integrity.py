@@ -14,6 +14,7 @@ from t5forge.model.config import T5Config
 from t5forge.model.t5 import T5
 from t5forge.tokenizer import load_tokenizer
 from t5forge.train.checkpoint import Checkpointer, latest, load, resolve_resume
+from t5forge.train.checkpoint_parts import Value, run_parts
 from t5forge.train import run_lock
 from t5forge.train.state import TrainState
 
@@ -27,8 +28,9 @@ def _save(run, tokenizer, step, seed=0):
     torch.manual_seed(seed)
     model = T5(T5Config.from_name("tiny"))
     opt = torch.optim.AdamW(model.parameters())
-    path = Checkpointer(run).save(model=model, tokenizer=tokenizer, optimizer=opt, train_state=TrainState(step=step),
-                                  data_state={"step": step}, config_text="x: 1\n")
+    path = Checkpointer(run).save(run_parts(model=model, tokenizer=tokenizer, optimizer=opt,
+                                            train_state=TrainState(step=step), data=Value({"step": step}),
+                                            config_text="x: 1\n"), step=step)
     run_lock.release(run)  # as at the end of a run, so a subprocess can take the directory
     return path, model, opt
 
@@ -71,6 +73,7 @@ def test_crash_between_the_swap_renames_keeps_the_step(tmp_path, tokenizer, spie
         from t5forge.model.t5 import T5
         from t5forge.tokenizer import load_tokenizer
         from t5forge.train.checkpoint import Checkpointer
+        from t5forge.train.checkpoint_parts import Value, run_parts
         from t5forge.train.state import TrainState
         real = os.rename
         def crash_after_first(src, dst):
@@ -79,9 +82,9 @@ def test_crash_between_the_swap_renames_keeps_the_step(tmp_path, tokenizer, spie
                 os._exit(9)
         os.rename = crash_after_first
         model = T5(T5Config.from_name("tiny"))
-        Checkpointer({str(tmp_path)!r}).save(model=model, tokenizer=load_tokenizer({str(spiece_path)!r}),
-            optimizer=torch.optim.AdamW(model.parameters()), train_state=TrainState(step=1), data_state={{"new": 1}},
-            config_text="x: 1\\n")
+        Checkpointer({str(tmp_path)!r}).save(run_parts(model=model, tokenizer=load_tokenizer({str(spiece_path)!r}),
+            optimizer=torch.optim.AdamW(model.parameters()), train_state=TrainState(step=1), data=Value({{"new": 1}}),
+            config_text="x: 1\\n"), step=1)
     """)
     done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 9
@@ -114,6 +117,7 @@ def test_full_disk_is_one_clear_error_and_leaves_no_partial(tmp_path, tokenizer,
         from t5forge.model.t5 import T5
         from t5forge.tokenizer import load_tokenizer
         from t5forge.train.checkpoint import Checkpointer
+        from t5forge.train.checkpoint_parts import Value, run_parts
         from t5forge.train.state import TrainState
         model = T5(T5Config.from_name("tiny"))
         opt = torch.optim.AdamW(model.parameters())
@@ -121,8 +125,8 @@ def test_full_disk_is_one_clear_error_and_leaves_no_partial(tmp_path, tokenizer,
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (200000, 200000))
         try:
-            ck.save(model=model, tokenizer=load_tokenizer({str(spiece_path)!r}), optimizer=opt,
-                    train_state=TrainState(step=2), data_state=None, config_text="x: 1\\n")
+            ck.save(run_parts(model=model, tokenizer=load_tokenizer({str(spiece_path)!r}), optimizer=opt,
+                              train_state=TrainState(step=2), data=Value(None), config_text="x: 1\\n"), step=2)
         except T5ForgeError as e:
             print(e); sys.exit(2)
     """)

@@ -8,13 +8,14 @@ import torch
 
 from t5forge.errors import T5ForgeError
 from t5forge.model.config import T5Config
+from t5forge.model.loss import seq2seq_loss
 from t5forge.model.t5 import T5
 from t5forge.tokenizer import load_tokenizer
 from t5forge.train import checkpoint as ckpt
 from t5forge.train import rng
 from t5forge.train.checkpoint import Checkpointer, latest, list_checkpoints, load, resolve_resume
+from t5forge.train.checkpoint_parts import Value, run_parts
 from t5forge.train.state import TrainState
-from t5forge.model.loss import seq2seq_loss
 
 CONFIG_TEXT = "model:\n  name: tiny\noptim:\n  base_lr: 0.001\n"
 
@@ -45,9 +46,9 @@ def _setup(seed=0, **config_changes):
 
 
 def _save(checkpointer, model, optimizer, tokenizer, step, data_state=None):
-    return checkpointer.save(model=model, tokenizer=tokenizer, optimizer=optimizer,
-                             train_state=TrainState(step=step, tokens_seen=34 * step), data_state=data_state,
-                             config_text=CONFIG_TEXT)
+    return checkpointer.save(run_parts(model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                       train_state=TrainState(step=step, tokens_seen=34 * step), data=Value(data_state),
+                                       config_text=CONFIG_TEXT), step=step)
 
 
 def test_round_trip_continues_exactly(tmp_path, tokenizer):
@@ -55,8 +56,9 @@ def test_round_trip_continues_exactly(tmp_path, tokenizer):
     state = TrainState(step=7, tokens_seen=238, examples_seen=14, elapsed_train_seconds=12.5, best_eval_loss=9.1,
                        best_eval_step=5)
     data_state = {"file_index": 3, "offset": 1234, "buffer": np.arange(6), "rng": np.random.default_rng(5).bit_generator.state}
-    path = Checkpointer(tmp_path, keep_last=2).save(model=model, tokenizer=tokenizer, optimizer=optimizer,
-                                                      train_state=state, data_state=data_state, config_text=CONFIG_TEXT)
+    path = Checkpointer(tmp_path, keep_last=2).save(run_parts(model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                                                train_state=state, data=Value(data_state),
+                                                                config_text=CONFIG_TEXT), step=state.step)
     assert path == tmp_path / "checkpoints" / "step-00000007"
     assert set(ckpt.REQUIRED_FILES) <= {p.name for p in path.iterdir()}
     assert (path / "config.yaml").read_text() == CONFIG_TEXT
@@ -172,3 +174,22 @@ def test_optimizer_and_world_size_mismatch(tmp_path, tokenizer):
         load(path, model, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(T5ForgeError, match="written by 1 processes and this run has 2"):
         load(path, model, rank=1, world_size=2)
+
+
+def test_resume_reads_weights_saved_under_an_older_parameter_name(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from t5forge.model.load import LEGACY_NAMES, save_model_dir
+    from t5forge.train.checkpoint_parts import load_model_weights
+
+    torch.manual_seed(0)
+    model = T5(T5Config.from_name("tiny", dropout_rate=0.0))
+    save_model_dir(model, None, tmp_path)
+    new_to_old = {new: old for old, new in LEGACY_NAMES.items()}
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    save_file({new_to_old.get(k, k): v for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
+    assert "encoder.relative_bias.weight" in load_file(str(tmp_path / "model.safetensors"))
+    fresh = T5(T5Config.from_name("tiny", dropout_rate=0.0))
+    load_model_weights(tmp_path, fresh)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], tensor), name

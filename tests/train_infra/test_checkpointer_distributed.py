@@ -10,6 +10,7 @@ from t5forge.model.config import T5Config
 from t5forge.model.t5 import T5
 from t5forge.tokenizer import load_tokenizer
 from t5forge.train.checkpoint import Checkpointer, load, resolve_resume
+from t5forge.train.checkpoint_parts import Value, run_parts
 from t5forge.train.state import TrainState
 
 
@@ -22,10 +23,10 @@ def _worker(rank, world_size, run_dir, spiece_path, init_file):
         optimizer = torch.optim.AdamW(model.parameters())
         torch.manual_seed(100 + rank)  # per-rank RNG streams (dropout differs by rank)
         world = SimpleNamespace(rank=rank, world_size=world_size)
-        path = Checkpointer(run_dir, keep_last=1, world=world).save(
+        path = Checkpointer(run_dir, keep_last=1, world=world).save(run_parts(
             model=model, tokenizer=load_tokenizer(spiece_path), optimizer=optimizer,
-            train_state=TrainState(step=4), data_state={"rank": rank, "offset": 10 * rank}, config_text="x: 1\n",
-        )
+            train_state=TrainState(step=4), data=Value({"rank": rank, "offset": 10 * rank}), config_text="x: 1\n",
+        ), step=4)
         # After the barrier inside save, every rank sees the complete checkpoint.
         assert resolve_resume("auto", run_dir) == path
         _, rng_state, data_state = load(path, model, optimizer, rank=rank, world_size=world_size)

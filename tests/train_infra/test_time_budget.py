@@ -4,8 +4,9 @@ import time
 
 import pytest
 
+from t5forge.durations import format_seconds, parse_time_budget
 from t5forge.errors import T5ForgeError
-from t5forge.train.timing import Stopwatch, format_seconds, parse_time_budget
+from t5forge.train.timing import Stopwatch
 
 
 @pytest.mark.parametrize(

@@ -74,9 +74,9 @@ def preview_config(args):
 def run(args) -> int:
     import itertools
 
+    from t5forge.distributed import World
     from t5forge.errors import T5ForgeError
     from t5forge.plan import make_plan
-    from t5forge.train.distributed import World
     from t5forge.train.pretrain import build_loader
     from t5forge.train.setup import load_run_tokenizer
 

@@ -88,9 +88,9 @@ def add_arguments(parser) -> None:
 
 # ---------------------------------------------------------------------------------- model path, mode
 def _looks_like_model(spec) -> bool:
-    p = Path(spec)
-    return p.is_dir() and any((p / name).exists() for name in
-                              ("config.yaml", "model_config.json", "config.json", "checkpoints"))
+    from t5forge.run_layout import looks_like_run_or_model
+
+    return looks_like_run_or_model(spec)
 
 
 def _take_model_path(args) -> None:
@@ -301,9 +301,9 @@ def generation_table(metrics: dict) -> str:
 
 
 def _heldout(args, held, model, tokenizer, device, autocast, precision) -> dict:
+    from t5forge.distributed import World
     from t5forge.eval.generation import write_evaluation
     from t5forge.plan import make_plan
-    from t5forge.train.distributed import World
     from t5forge.train.pretrain import build_loader, held_out_evaluator, held_out_name
 
     cfg, micro, requested = held

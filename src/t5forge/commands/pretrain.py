@@ -24,9 +24,9 @@ def add_arguments(parser) -> None:
 
 
 def print_keys(rows) -> None:
-    """One line per key: name, value, help (also `t5forge finetune --list-keys`)."""
-    for key, kind, value, doc in rows:
-        print(f"{key:40s} {value:22s} {doc}")
+    """One line per key: name, value, help, [what the value must be] (also `t5forge finetune --list-keys`)."""
+    for key, kind, value, doc, constraint in rows:
+        print(f"{key:40s} {value:22s} {doc}" + (f" [{constraint}]" if constraint else ""))
 
 
 def run(args) -> int:

@@ -31,8 +31,10 @@ from typing import Sequence
 
 import numpy as np
 
+from t5forge.config import check_value
 from t5forge.data.seq2seq import Seq2SeqExample, collate_packed, collate_seq2seq
 from t5forge.errors import T5ForgeError
+from t5forge.plan import split_batch
 
 STATE_VERSION = 1
 
@@ -46,10 +48,9 @@ class FinetuneLoader:
                  pack_source_len: int | None = None, pack_target_len: int | None = None):
         if not examples:
             raise T5ForgeError("the fine-tuning data set is empty; check finetune.sni_dir / finetune.train_files")
-        if batch_size < 1 or grad_acc < 1 or batch_size % (grad_acc * world_size):
-            raise T5ForgeError(
-                f"batch_size={batch_size} must be a positive multiple of grad_acc ({grad_acc}) x world size ({world_size})"
-            )
+        check_value("optim.batch_size", batch_size)
+        check_value("optim.grad_acc", grad_acc)
+        split_batch(batch_size, grad_acc, world_size)  # the Plan's rule and message: each slot gets an equal share
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.examples = list(examples)

@@ -37,10 +37,11 @@ from collections import deque
 import numpy as np
 import torch
 
+from t5forge.config import check_value
 from t5forge.data.sources import TextSource, fingerprint_difference, reader_slice
 from t5forge.data.span_corruption import SpanCorruption
 from t5forge.errors import T5ForgeError
-from t5forge.train.stop_signals import ignore_stop_signals
+from t5forge.stop_signals import ignore_stop_signals
 
 DOCS_PER_ENCODE = 16  # documents tokenized per call: amortises the call, keeps the read-ahead small
 STATE_VERSION = 2
@@ -248,8 +249,7 @@ class PretrainLoader:
         self.batch_size, self.seed, self.train = batch_size, seed, train
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.pin_memory, self.allow_changed_files = pin_memory, allow_changed_files
-        if shuffle_buffer < 0:
-            raise T5ForgeError(f"data.shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        check_value("data.shuffle_buffer", shuffle_buffer)
         self.shuffle_buffer = shuffle_buffer if train else 0
         self.input_length, self.target_length = corruption.input_length, corruption.target_length
         self.raw_length = corruption.raw_length
@@ -388,8 +388,7 @@ def build_pretrain_loader(
         raise T5ForgeError(f"batch size must be at least 1, got {batch_size}")
     if not 0 <= rank < world_size:
         raise T5ForgeError(f"rank {rank} is not in [0, world_size={world_size})")
-    if num_workers < 0:
-        raise T5ForgeError(f"data.num_workers must be >= 0, got {num_workers}")
+    check_value("data.num_workers", num_workers)
     corruption = SpanCorruption(
         vocab_size=tokenizer.vocab_size, num_sentinels=tokenizer.num_sentinels, eos_id=tokenizer.eos_id,
         input_length=input_length, noise_density=noise_density, mean_noise_span_length=mean_noise_span_length,

@@ -8,8 +8,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from t5forge.distributed import World, all_reduce_sum
 from t5forge.model.load import unwrap
-from t5forge.train.distributed import World, all_reduce_sum
 
 
 @torch.no_grad()

@@ -14,9 +14,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from t5forge import run_layout
 from t5forge.errors import T5ForgeError
 
-CONFIG_FILE = "config.yaml"
+CONFIG_FILE = run_layout.RUN_CONFIG
 
 
 @dataclass(frozen=True)
@@ -28,19 +29,12 @@ class RunSettings:
 
 def find_run_config(model_dir: Path) -> Path | None:
     """The config.yaml belonging to a checkpoint directory (its own, else its run directory's)."""
-    own = model_dir / CONFIG_FILE
-    if own.is_file():
-        return own
-    if model_dir.parent.name == "checkpoints":
-        run_level = model_dir.parent.parent / CONFIG_FILE
-        if run_level.is_file():
-            return run_level
-    return None
+    return run_layout.run_config_of(model_dir)
 
 
 def run_world_size(model_dir: Path) -> int:
     """The number of processes that wrote a checkpoint (data.pt records it); 1 when unknown."""
-    data_file = model_dir / "data.pt"
+    data_file = model_dir / run_layout.DATA
     if not data_file.is_file():
         return 1
     import torch

@@ -9,27 +9,42 @@
 A component is a class built as `Class(config)` (feed-forward) or `Class(config, is_decoder)`
 (position, block, encoder). Adding one is the class plus one line in its registry below; see
 docs/architecture.md for the contract each kind keeps and a worked example.
+
+Entries are "module:Class" paths, imported when a model is built: model/t5.py builds through this
+module, and its components subclass t5.py's classes, so naming them here keeps the imports one-way.
 """
 
 from __future__ import annotations
 
-from t5forge.errors import T5ForgeError
-from t5forge.model.feed_forwards import SquaredReLUFeedForward
-from t5forge.model.t5 import FeedForward, PreNormBlock, Stack, T5RelativeBias
+import importlib
 
-FEED_FORWARDS = {"dense": FeedForward, "squared_relu": SquaredReLUFeedForward}
-POSITIONS = {"t5_bias": T5RelativeBias}
-BLOCKS = {"pre_norm": PreNormBlock}
-ENCODERS = {"stack": Stack}
+from t5forge.errors import T5ForgeError
+
+FEED_FORWARDS = {
+    "dense": "t5forge.model.t5:FeedForward",
+    "squared_relu": "t5forge.model.feed_forwards:SquaredReLUFeedForward",
+}
+POSITIONS = {"t5_bias": "t5forge.model.t5:T5RelativeBias"}
+BLOCKS = {"pre_norm": "t5forge.model.t5:PreNormBlock"}
+ENCODERS = {"stack": "t5forge.model.t5:Stack"}
 
 REGISTRIES = {"feed_forward": FEED_FORWARDS, "position": POSITIONS, "block": BLOCKS, "encoder": ENCODERS}
 # What transformers' T5 can express, kind by kind (model/hf.py refuses to export anything else).
 HF_T5 = {"feed_forward": "dense", "position": "t5_bias", "block": "pre_norm", "encoder": "stack"}
 
 
-def component(kind: str, name: str):
-    """The class registered as `name` for `kind`, or a T5ForgeError listing the known names."""
+def check_name(kind: str, name: str) -> None:
+    """A T5ForgeError naming the key and the known names when `name` is not registered for `kind`."""
     registry = REGISTRIES[kind]
     if name not in registry:
         raise T5ForgeError(f"model.{kind} {name!r} is unknown; known: {', '.join(sorted(registry))}")
-    return registry[name]
+
+
+def component(kind: str, name: str) -> type:
+    """The class registered as `name` for `kind` (a class may also be registered directly, e.g. by a test)."""
+    check_name(kind, name)
+    entry = REGISTRIES[kind][name]
+    if not isinstance(entry, str):
+        return entry
+    module, _, cls = entry.partition(":")
+    return getattr(importlib.import_module(module), cls)

@@ -1,23 +1,42 @@
 """The T5 architecture as a frozen dataclass, with transformers' `T5Config` field names.
 
-`T5Config.from_hf_dict` reads an HF `config.json` (rejecting anything that is not a T5),
-`to_hf_dict` writes one that `transformers.T5Config` accepts, and `from_name` knows the shapes of
-the common public checkpoints offline (no Hub access needed to build a fresh model).
+Two JSON forms: HF's `config.json` (`from_hf_dict` / `to_hf_dict`: only the keys HF's T5Config
+knows, `HF_CONFIG_KEYS`; anything that is not a T5 is rejected) and t5forge's own
+`model_config.json` (`from_json_dict` / `to_json_dict`: every field, the t5forge-only ones
+included). Each value's type is checked against the dataclass field's annotation, so a field added
+later (of any JSON type) never breaks loading a file saved before it: a missing key takes the
+field's default. `from_name` knows the shapes of the common public checkpoints offline.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from t5forge import run_layout
 from t5forge.errors import T5ForgeError
+from t5forge.model.components import check_name
 
 ATTENTION_BACKENDS = ("eager", "sdpa", "flex")
 # The activations HF's T5 knows ("gated-" prefixed or not). HF maps "gated-gelu" to the tanh
 # approximation ("gelu_new") for backwards compatibility; plain "gelu" is the exact erf GELU.
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
+# The T5Config fields that transformers' T5Config knows (its fields and PreTrainedConfig's
+# tie_word_embeddings, plus decoder_start_token_id, which HF's T5 reads from its config); every
+# other field is t5forge's alone and never goes into an HF config.json.
+HF_CONFIG_KEYS = (
+    "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
+    "relative_attention_num_buckets", "relative_attention_max_distance", "dropout_rate",
+    "layer_norm_epsilon", "feed_forward_proj", "tie_word_embeddings", "pad_token_id", "eos_token_id",
+    "decoder_start_token_id",
+)
+# What to_hf_dict adds: constant for every model t5forge writes.
+HF_CONSTANT_KEYS = {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
+                    "is_encoder_decoder": True, "initializer_factor": 1.0, "use_cache": True}
 
 
 @dataclass(frozen=True)
@@ -56,10 +75,8 @@ class T5Config:
         if not 0.0 <= self.dropout_rate < 1.0:
             raise T5ForgeError(f"model config: dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
         self.activation  # validates feed_forward_proj
-        from t5forge.model.components import component  # components.py imports model/t5.py, which imports this
-
         for kind in ("feed_forward", "position", "block", "encoder"):
-            component(kind, getattr(self, kind))
+            check_name(kind, getattr(self, kind))
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise T5ForgeError(
                 f"model config: attention_backend {self.attention_backend!r} is unknown; use one of {ATTENTION_BACKENDS}"
@@ -88,10 +105,24 @@ class T5Config:
             raise T5ForgeError(f"model config: unknown field(s) {unknown}")
         return dataclasses.replace(self, **changes)
 
-    # ------------------------------------------------------------------ HF config.json
+    # ------------------------------------------------------------------ JSON in and out
+    @classmethod
+    def t5forge_only_fields(cls) -> tuple[str, ...]:
+        """The fields HF's T5Config does not know (attention_backend, the component names, ...)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in HF_CONFIG_KEYS)
+
     @classmethod
     def from_hf_dict(cls, d: dict, source: str = "config.json") -> "T5Config":
-        """Build from an HF T5 `config.json` dict; `source` names the file in error messages."""
+        """Build from an HF T5 `config.json` dict (its HF keys only); `source` names the file in errors."""
+        return cls._from_dict(d, source, HF_CONFIG_KEYS)
+
+    @classmethod
+    def from_json_dict(cls, d: dict, source: str = "model_config.json") -> "T5Config":
+        """Build from t5forge's `model_config.json` dict: every field it holds, HF's and t5forge's."""
+        return cls._from_dict(d, source, tuple(f.name for f in dataclasses.fields(cls)))
+
+    @classmethod
+    def _from_dict(cls, d: dict, source: str, keys: tuple[str, ...]) -> "T5Config":
         if not isinstance(d, dict):
             raise T5ForgeError(f"{source}: expected a JSON object, got {type(d).__name__}")
         model_type = d.get("model_type")
@@ -100,11 +131,7 @@ class T5Config:
                 f"{source}: model_type is {model_type!r}, but t5forge loads only T5 models (model_type 't5'); "
                 "point at a T5 checkpoint"
             )
-        kwargs = {}
-        for field in dataclasses.fields(cls):
-            if field.name == "attention_backend" or field.name not in d:
-                continue
-            kwargs[field.name] = d[field.name]
+        kwargs = {key: d[key] for key in keys if key in d}
         eos = kwargs.get("eos_token_id")
         if isinstance(eos, list):
             if len(eos) != 1:
@@ -122,17 +149,13 @@ class T5Config:
         # HF's default (and the original T5 checkpoints, which omit the key) is tied embeddings.
         kwargs.setdefault("tie_word_embeddings", True)
         kwargs.setdefault("feed_forward_proj", "relu")  # HF's T5Config default
+        hints = typing.get_type_hints(cls)
         for key, value in kwargs.items():
-            if key in ("dropout_rate", "layer_norm_epsilon"):
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            elif key in ("feed_forward_proj", "feed_forward", "position", "block", "encoder"):
-                ok = isinstance(value, str)
-            elif key == "tie_word_embeddings":
-                ok = isinstance(value, bool)
-            else:
-                ok = isinstance(value, int) and not isinstance(value, bool)
+            ok, kwargs[key] = _typed(hints[key], value)
             if not ok:
-                raise T5ForgeError(f"{source}: key {key!r} has value {value!r} of the wrong type")
+                raise T5ForgeError(
+                    f"{source}: key {key!r} has value {value!r} of the wrong type (expected {_type_name(hints[key])})"
+                )
         try:
             return cls(**kwargs)
         except T5ForgeError as err:
@@ -140,7 +163,7 @@ class T5Config:
 
     @classmethod
     def from_json_file(cls, path) -> "T5Config":
-        """An HF `config.json` or a t5forge `model_config.json` (the latter carries attention_backend)."""
+        """A t5forge `model_config.json` (every field) or an HF `config.json` (HF's keys only)."""
         path = Path(path)
         try:
             d = json.loads(path.read_text())
@@ -148,30 +171,18 @@ class T5Config:
             raise T5ForgeError(f"model config {path} does not exist") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise T5ForgeError(f"{path} is not valid JSON ({err})") from None
-        config = cls.from_hf_dict(d, source=str(path))
-        if "attention_backend" in d:
-            config = cls._with_backend(config, d["attention_backend"], str(path))
-        return config
-
-    @staticmethod
-    def _with_backend(config: "T5Config", backend, source: str) -> "T5Config":
-        try:
-            return config.replace(attention_backend=backend)
-        except T5ForgeError as err:
-            raise T5ForgeError(f"{source}: {err}") from None
+        if path.name == run_layout.MODEL_CONFIG:  # t5forge's own config file (model/load.py writes it)
+            return cls.from_json_dict(d, source=str(path))
+        return cls.from_hf_dict(d, source=str(path))
 
     def to_hf_dict(self) -> dict:
-        """A `config.json` dict that `transformers.T5Config` (and T5ForConditionalGeneration) accept."""
-        d = {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5"}
-        for field in dataclasses.fields(self):
-            if field.name != "attention_backend":
-                d[field.name] = getattr(self, field.name)
-        d.update(is_encoder_decoder=True, initializer_factor=1.0, use_cache=True)
-        return d
+        """A `config.json` dict that `transformers.T5Config` (and T5ForConditionalGeneration) accept:
+        HF's keys only (export refuses a model whose t5forge-only fields HF cannot represent)."""
+        return {**HF_CONSTANT_KEYS, **{key: getattr(self, key) for key in HF_CONFIG_KEYS}}
 
     def to_json_dict(self) -> dict:
-        """`to_hf_dict` plus the t5forge-only fields (what `model_config.json` holds)."""
-        return {**self.to_hf_dict(), "attention_backend": self.attention_backend}
+        """`to_hf_dict` plus every t5forge-only field: what `model_config.json` holds."""
+        return {**self.to_hf_dict(), **{key: getattr(self, key) for key in self.t5forge_only_fields()}}
 
     # ------------------------------------------------------------------ built-in shapes
     @classmethod
@@ -201,3 +212,46 @@ _KNOWN = {
     "tiny": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, **_V1_1),
 }
 KNOWN_NAMES = tuple(_KNOWN)
+
+
+def _typed(annotation, value) -> tuple[bool, object]:
+    """(whether a JSON `value` fits the field `annotation`, the value as the field holds it).
+
+    Knows what JSON can carry: bool, int, float (an int is accepted and widened), str, None,
+    unions of them (`int | None`), Literal[...], and tuple/list of those (a JSON list)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(annotation):
+            ok, converted = _typed(arm, value)
+            if ok:
+                return True, converted
+        return False, value
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation), value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        items = []
+        for item in value:
+            ok, converted = _typed(args[0], item) if args else (True, item)
+            if not ok:
+                return False, value
+            items.append(converted)
+        return True, origin(items)
+    if annotation is type(None):
+        return value is None, value
+    if annotation is bool:
+        return isinstance(value, bool), value
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if annotation is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if isinstance(annotation, type):
+        return isinstance(value, annotation), value
+    raise T5ForgeError(f"model config: field type {annotation!r} cannot be read from JSON; use a JSON type")
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("NoneType", "None")

@@ -4,10 +4,15 @@ HF's layout differs from ours in three ways beyond names: the relative position 
 block 0's SelfAttention of each stack (we keep it on the stack), `shared`,
 `encoder.embed_tokens` and `decoder.embed_tokens` are one tied tensor (we store `shared` only),
 and `lm_head` is absent (tied to `shared`) unless tie_word_embeddings is False.
+
+Export knows what HF's T5 can express (`check_exportable`): the default components only, and
+exactly the parameters `hf_parameter_shapes` lists for the config; anything else is refused before
+a file is written, since transformers would otherwise fill a missing weight at random.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -16,14 +21,18 @@ from pathlib import Path
 import torch
 
 from t5forge.errors import T5ForgeError
+from t5forge.model.components import HF_T5
 from t5forge.model.config import T5Config
 
+# The attribute of t5forge's Stack that holds its position scheme (the T5 relative bias), as it
+# appears in parameter names: "{s}.<POSITION_MODULE>.weight". model/load.py renames older names.
+POSITION_MODULE = "position"
 # (HF name, t5forge name); {s} = stack, {i} = block index, {p} = projection.
 _NAME_TEMPLATES = [
     ("shared.weight", "shared.weight"),
     ("lm_head.weight", "lm_head.weight"),
     ("{s}.final_layer_norm.weight", "{s}.final_norm.weight"),
-    ("{s}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "{s}.position.weight"),
+    ("{s}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "{s}." + POSITION_MODULE + ".weight"),
     ("{s}.block.{i}.layer.0.SelfAttention.{p}.weight", "{s}.blocks.{i}.attn.{p}.weight"),
     ("{s}.block.{i}.layer.0.layer_norm.weight", "{s}.blocks.{i}.attn_norm.weight"),
     ("decoder.block.{i}.layer.1.EncDecAttention.{p}.weight", "decoder.blocks.{i}.cross_attn.{p}.weight"),
@@ -41,6 +50,60 @@ HF_REDUNDANT = (
     # HF builds it in every decoder's block 0 cross-attention but never uses it (and ignores it on load)
     "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",
 )
+# The component each T5Config naming field must hold for HF's T5 to express the model.
+HF_COMPONENTS = HF_T5  # the component of each kind HF's T5 is made of (model/components.py)
+# t5forge-only fields that say how to compute, not what: any value exports.
+RUNTIME_ONLY = ("attention_backend",)
+_KEEP = "keep the t5forge checkpoint (load it with t5forge.load_model) instead of exporting"
+
+
+def check_exportable(config: T5Config) -> None:
+    """A one-line T5ForgeError naming the first part of `config` that HF's T5 cannot represent."""
+    for field, hf_kind in HF_COMPONENTS.items():
+        value = getattr(config, field)
+        if value != hf_kind:
+            raise T5ForgeError(
+                f"cannot export to HF T5: model.{field}={value!r} has no HF T5 equivalent "
+                f"(HF's T5 knows {hf_kind!r}); {_KEEP}"
+            )
+    defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                for f in dataclasses.fields(config)}
+    for field in type(config).t5forge_only_fields():
+        if field in HF_COMPONENTS or field in RUNTIME_ONLY:
+            continue
+        # A later t5forge-only field: its default is T5's behaviour, anything else is not HF's T5.
+        value = getattr(config, field)
+        if value != defaults[field]:
+            raise T5ForgeError(
+                f"cannot export to HF T5: model.{field}={value!r} has no HF T5 equivalent "
+                f"(HF's T5 has no such setting; only {defaults[field]!r} exports); {_KEEP}"
+            )
+
+
+def hf_parameter_shapes(config: T5Config) -> dict[str, tuple[int, ...]]:
+    """Every parameter HF's T5ForConditionalGeneration has for `config` (without the tied aliases
+    and unused tensors of HF_REDUNDANT), with its shape."""
+    C, F, inner, H = config.d_model, config.d_ff, config.num_heads * config.d_kv, config.num_heads
+    shapes = {"shared.weight": (config.vocab_size, C)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, C)
+    wi = ("wi_0", "wi_1") if config.is_gated else ("wi",)
+    attention = {"q": (inner, C), "k": (inner, C), "v": (inner, C), "o": (C, inner)}
+    for s, depth in (("encoder", config.num_layers), ("decoder", config.num_decoder_layers)):
+        shapes[f"{s}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = (
+            config.relative_attention_num_buckets, H)
+        shapes[f"{s}.final_layer_norm.weight"] = (C,)
+        for i in range(depth):
+            sublayers = ["SelfAttention"] + (["EncDecAttention"] if s == "decoder" else []) + ["DenseReluDense"]
+            for j, sublayer in enumerate(sublayers):
+                prefix = f"{s}.block.{i}.layer.{j}"
+                shapes[f"{prefix}.layer_norm.weight"] = (C,)
+                if sublayer == "DenseReluDense":
+                    shapes.update({f"{prefix}.{sublayer}.{p}.weight": (F, C) for p in wi})
+                    shapes[f"{prefix}.{sublayer}.wo.weight"] = (C, F)
+                else:
+                    shapes.update({f"{prefix}.{sublayer}.{p}.weight": shape for p, shape in attention.items()})
+    return shapes
 
 
 def _compile(template: str):
@@ -106,9 +169,40 @@ def t5forge_to_hf_state_dict(sd: dict) -> dict:
     for name, tensor in sd.items():
         hf = t5forge_to_hf_name(name)
         if hf is None:
-            raise ValueError(f"t5forge weight {name!r} has no HF name")
+            raise T5ForgeError(
+                f"cannot export to HF T5: the model's weight {name!r} has no place in HF's T5 "
+                f"(a module HF's T5 lacks); {_KEEP}"
+            )
         out[hf] = tensor
     return out
+
+
+def check_hf_state_dict(hf_sd: dict, config: T5Config) -> None:
+    """A T5ForgeError unless `hf_sd` holds exactly the parameters (and shapes) HF's T5 has for `config`."""
+    expected = hf_parameter_shapes(config)
+    missing = [name for name in expected if name not in hf_sd]
+    if missing:
+        raise T5ForgeError(
+            f"cannot export to HF T5: the model has no weight for HF's {_describe(missing)}; transformers would "
+            f"initialise it at random. {_KEEP}"
+        )
+    extra = [name for name in hf_sd if name not in expected]
+    if extra:
+        raise T5ForgeError(
+            f"cannot export to HF T5: HF's T5 for this config has no {_describe(extra)}; {_KEEP}"
+        )
+    for name, shape in expected.items():
+        if tuple(hf_sd[name].shape) != shape:
+            raise T5ForgeError(
+                f"cannot export to HF T5: weight {name!r} has shape {tuple(hf_sd[name].shape)} but HF's T5 "
+                f"for this config has {shape}; {_KEEP}"
+            )
+
+
+def _describe(names: list[str], limit: int = 4) -> str:
+    """HF names, each with its t5forge name, so the message says which module to look at."""
+    shown = [f"{n} (t5forge {hf_to_t5forge_name(n)})" for n in names[:limit]]
+    return ", ".join(shown) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def load_state_dict_strict(model, sd: dict, source: str) -> None:
@@ -202,11 +296,15 @@ def load_hf(directory, device="cpu", dtype=None, **overrides):
 def export_hf(model, tokenizer, directory) -> Path:
     """Write an HF T5 directory that `T5ForConditionalGeneration.from_pretrained` and
     `AutoTokenizer.from_pretrained` load: config.json, model.safetensors, generation_config.json,
-    tokenizer files."""
+    tokenizer files. A model HF's T5 cannot represent is a T5ForgeError, with nothing written."""
+    config: T5Config = model.config
+    # Everything is checked before the first file is written: a refused export leaves no directory behind.
+    check_exportable(config)
+    hf_sd = t5forge_to_hf_state_dict(model.state_dict())
+    check_hf_state_dict(hf_sd, config)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config: T5Config = model.config
-    sd = {k: v.detach().cpu().contiguous() for k, v in t5forge_to_hf_state_dict(model.state_dict()).items()}
+    sd = {k: v.detach().cpu().contiguous() for k, v in hf_sd.items()}
     write_weights(sd, directory / "model.safetensors")
     (directory / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
     generation = {

@@ -2,26 +2,32 @@
 
 A t5forge model directory holds `model.safetensors` (t5forge parameter names), `model_config.json`
 (the T5Config) and the tokenizer files. A checkpoint (`RUN/checkpoints/step-NNNNNNNN/`) is such a
-directory plus optimizer and train state; `load_model` on a run directory takes its newest
-complete checkpoint (complete = renamed from `.tmp`). An HF directory holds `config.json` and
-`model.safetensors` / `pytorch_model.bin`.
+directory plus the rest of the run's state; `load_model` on a run directory takes its newest
+complete checkpoint, by the rule resume=auto uses (run_layout.py: not `.tmp`, manifest sizes and
+checksums verified; a damaged newer one is skipped with a warning). An HF directory holds
+`config.json` and `model.safetensors` / `pytorch_model.bin`. Parameters saved under an older
+t5forge name (`LEGACY_NAMES`) are renamed on reading, so checkpoints written before a rename load.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 
+from t5forge import run_layout
 from t5forge.errors import T5ForgeError
 from t5forge.model.config import T5Config
 from t5forge.model.hf import load_hf, load_state_dict_strict, read_weights, write_weights
 
-WEIGHTS = "model.safetensors"
-CONFIG = "model_config.json"
-_STEP_DIR = re.compile(r"step-(\d+)\Z")
+WEIGHTS = run_layout.MODEL_WEIGHTS
+CONFIG = run_layout.MODEL_CONFIG
+# Old t5forge parameter name -> its name now (the stack's position scheme became `stack.position`).
+LEGACY_NAMES = {
+    "encoder.relative_bias.weight": "encoder.position.weight",
+    "decoder.relative_bias.weight": "decoder.position.weight",
+}
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -52,16 +58,8 @@ def save_model_dir(model, tokenizer, directory) -> Path:
 
 
 def newest_checkpoint(run_or_checkpoints_dir: Path) -> Path | None:
-    """The complete step-NNNNNNNN directory with the highest step (ignoring `.tmp` ones), or None."""
-    base = run_or_checkpoints_dir
-    if (base / "checkpoints").is_dir():
-        base = base / "checkpoints"
-    steps = []
-    for child in base.iterdir() if base.is_dir() else []:
-        m = _STEP_DIR.match(child.name)
-        if m and child.is_dir() and (child / WEIGHTS).is_file() and (child / CONFIG).is_file():
-            steps.append((int(m.group(1)), child))
-    return max(steps)[1] if steps else None
+    """The newest complete checkpoint of a run directory (or its checkpoints/), or None."""
+    return run_layout.newest_model_checkpoint(run_or_checkpoints_dir)
 
 
 def _parse_dtype(dtype):
@@ -72,6 +70,21 @@ def _parse_dtype(dtype):
     raise T5ForgeError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
 
 
+def legacy_renames(stored, expected) -> dict[str, str]:
+    """{stored name: the model's name} for each name in `stored` that LEGACY_NAMES renames to a
+    name the model has (`expected`) and that the model no longer has itself. Keyed by names only,
+    so a checkpoint loader that reads lazily (train/checkpoint.py) can use it too."""
+    stored, expected = set(stored), set(expected)
+    return {old: new for old, new in LEGACY_NAMES.items()
+            if old in stored and old not in expected and new in expected and new not in stored}
+
+
+def upgrade_state_dict(sd: dict, expected) -> dict:
+    """`sd` with its legacy parameter names (LEGACY_NAMES) renamed to the names in `expected`."""
+    renames = legacy_renames(sd, expected)
+    return {renames.get(name, name): tensor for name, tensor in sd.items()}
+
+
 def _load_model_dir(directory: Path, overrides: dict):
     from t5forge.model.t5 import T5
 
@@ -80,7 +93,7 @@ def _load_model_dir(directory: Path, overrides: dict):
         config = config.replace(**overrides)
     sd, path = read_weights(directory, names=(WEIGHTS,))
     model = T5(config)
-    load_state_dict_strict(model, sd, str(path))
+    load_state_dict_strict(model, upgrade_state_dict(sd, model.state_dict()), str(path))
     return model
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from t5forge.model.components import component
 from t5forge.model.config import T5Config
 from t5forge.model.masks import additive_bias, compute_dtype, keep_mask
 from t5forge.model.outputs import Seq2SeqOutput, collect_aux_losses
@@ -43,8 +44,6 @@ ACTIVATIONS = {
 
 def build(kind: str, config: T5Config, *args) -> nn.Module:
     """The component `config.<kind>` names (e.g. config.feed_forward = "dense"), from its registry."""
-    from t5forge.model.components import component  # components.py imports this file
-
     return component(kind, getattr(config, kind))(config, *args)
 
 

@@ -1,20 +1,25 @@
 """Atomic, resumable checkpoints of a training run, and resume resolution (`false | auto | path`).
 
-Layout (one directory per saved step, everything needed to continue the run exactly):
+Layout (one directory per saved step, everything needed to continue the run exactly; the names
+are run_layout.py's, each part's storage is checkpoint_parts.py's):
 
     RUN_DIR/checkpoints/step-00001000/
-        model.safetensors, model_config.json, tokenizer files   (t5forge.model.load.save_model_dir)
-        optimizer.pt       {"optimizer_class": name, "state_dict": optimizer.state_dict()}
-        train_state.json   TrainState (step, tokens seen, time spent, best eval, ...)
-        rng.pt             {"world_size": W, "ranks": [rng.capture() of rank 0, 1, ...]}
-        data.pt            {"world_size": W, "ranks": [loader.state_dict() of rank 0, 1, ...]}
-        config.yaml        the resolved run config
+        model.safetensors, model_config.json, tokenizer files   part "model" (a model directory)
+        optimizer.pt       part "optimizer": {"optimizer_class": name, "state_dict": optimizer.state_dict()}
+        train_state.json   part "train_state": TrainState (step, tokens seen, time spent, best eval, ...)
+        rng.pt             part "rng": {"world_size": W, "ranks": [rng.capture() of rank 0, 1, ...]}
+        data.pt            part "data": {"world_size": W, "ranks": [loader.state_dict() of rank 0, 1, ...]}
+        config.yaml        part "config": the resolved run config
+        NAME.pt            any other part the run registers (an EMA, a router bias, ...)
+
+`Checkpointer.save(parts, step)` takes the run's named parts (a mapping name -> object with
+state_dict / load_state_dict); `load_parts(path, parts)` restores them in place.
 
 A checkpoint is written under `step-NNNNNNNN.tmp/`, every file is fsync'd, and only then is the
 directory renamed: a directory without the `.tmp` suffix is complete, and a `.tmp` left by a crash
 is never resumed from (it is deleted the next time a Checkpointer starts or saves). Older complete
 checkpoints beyond `keep_last` are deleted only after the new one is complete. The last file written
-is `manifest.json` (sizes and checksums, checkpoint_files.py): resume=auto skips a checkpoint whose
+is `manifest.json` (sizes and checksums, run_layout.py): resume=auto skips a checkpoint whose
 files do not match it, with a warning, and takes the newest intact one. Saving a step that already
 exists moves the old copy to `step-NNNNNNNN.old` (still a complete checkpoint of that step, used
 when the new one never appeared) so no crash point leaves fewer complete checkpoints. Only the
@@ -31,87 +36,27 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from t5forge.errors import T5ForgeError
-from t5forge.model.load import save_model_dir
-from t5forge.model.load import unwrap as unwrap_model  # strips DDP / torch.compile wrappers
-from t5forge.train import rng, run_lock
-from t5forge.train.checkpoint_files import MANIFEST, bytes_needed, check_free_space, disk_full_error, problem, write_manifest
+from t5forge.run_layout import (  # noqa: F401  (the layout's names, as this module's callers know them)
+    CHECKPOINTS, MANIFEST, PARTIAL_DIR, REQUIRED_FILES, STEP_DIR, SWAPPED_DIR, checkpoint_step, damage, latest,
+    list_checkpoints, missing_files, step_dir_name, write_manifest,
+)
+from t5forge.train import run_lock
+from t5forge.train.checkpoint_files import check_free_space, disk_full_error
+from t5forge.train.checkpoint_parts import (  # noqa: F401  (re-exported: the loading API of checkpoints)
+    ModelPart, OptimizerPart, PerRank, Stateful, TrainStatePart, Value, load_model_weights, load_parts, part_files,
+    run_parts, stores_itself, tensor_bytes, unwrap_model,
+)
 from t5forge.train.state import TrainState
 
 log = logging.getLogger(__name__)
-
-CHECKPOINTS = "checkpoints"
-STEP_DIR = re.compile(r"^step-(\d{8,})$")
-# The previous copy of a step while that step is saved again; complete, so resumable.
-SWAPPED_DIR = re.compile(r"^step-(\d{8,})\.old$")
-PARTIAL_DIR = re.compile(r"^step-\d{8,}.*\.tmp$")
-# model.safetensors and model_config.json come from the model directory contract (model.load).
-REQUIRED_FILES = (
-    "model.safetensors",
-    "model_config.json",
-    "optimizer.pt",
-    "train_state.json",
-    "rng.pt",
-    "data.pt",
-    "config.yaml",
-)
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def missing_files(path: str | Path) -> list[str]:
-    path = Path(path)
-    return [name for name in REQUIRED_FILES if not (path / name).is_file()]
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest step first (`step-N.old` only when `step-N` is absent)."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found: dict[int, Path] = {}
-    for child in root.iterdir():
-        match = STEP_DIR.match(child.name) or SWAPPED_DIR.match(child.name)
-        if match and child.is_dir():
-            step = int(match.group(1))
-            if step not in found or STEP_DIR.match(child.name):
-                found[step] = child
-    return [found[step] for step in sorted(found)]
-
-
-def checkpoint_step(path: str | Path) -> int:
-    match = STEP_DIR.match(Path(path).name) or SWAPPED_DIR.match(Path(path).name)
-    if not match:
-        raise T5ForgeError(f"{path} is not a checkpoint directory (expected a name like step-00001000)")
-    return int(match.group(1))
-
-
-def damage(path: str | Path, checksums: bool = False) -> str | None:
-    """What is wrong with a complete checkpoint's files (sizes; with `checksums`, contents), or None."""
-    return problem(Path(path), REQUIRED_FILES, checksums)
-
-
-def latest(run_dir: str | Path, checksums: bool = False) -> Path | None:
-    """The newest intact checkpoint of a run, or None; damaged newer ones are skipped with a warning."""
-    for path in reversed(list_checkpoints(run_dir)):
-        wrong = damage(path, checksums)
-        if wrong is None:
-            return path
-        # Renamed, so written completely once; damaged afterwards (by hand, by the disk). Left in
-        # place for a look; the next save of that step, or a save before it, replaces it.
-        msg = f"skipping damaged checkpoint {path}: {wrong}; falling back to the previous one"
-        warnings.warn(msg)  # on the console as `warning: ...` (t5forge.console), once
-    return None
 
 
 def _warn_newer(found: Path) -> None:
@@ -190,7 +135,7 @@ def _fsync_tree(root: Path) -> None:
 class Checkpointer:
     """Writes `RUN_DIR/checkpoints/step-NNNNNNNN/` atomically and keeps the last `keep_last`.
 
-    `world` is anything with `rank` and `world_size` (t5forge.train.distributed.World); None means
+    `world` is anything with `rank` and `world_size` (t5forge.distributed.World); None means
     a single process. `keep_last=None` keeps every checkpoint.
     """
 
@@ -241,44 +186,38 @@ class Checkpointer:
     def latest(self) -> Path | None:
         return latest(self.run_dir)
 
-    def save(
-        self,
-        *,
-        model: torch.nn.Module,
-        tokenizer: Any,
-        optimizer: torch.optim.Optimizer,
-        train_state: TrainState,
-        data_state: Any,
-        config_text: str,
-        rng_state: dict | None = None,
-    ) -> Path:
-        """Save a checkpoint at `train_state.step`; call on every rank. Returns its directory."""
-        rng_states = self.gather(rng.capture() if rng_state is None else rng_state)
-        data_states = self.gather(data_state)
-        final = self.root / step_dir_name(train_state.step)
+    def save(self, parts: Mapping[str, Stateful], step: int) -> Path:
+        """Save the named `parts` (checkpoint_parts.py) as the checkpoint of `step`; call on every rank.
+        Returns its directory."""
+        # Collective: every rank's per-rank states, in the same order on every rank.
+        gathered = {name: self.gather(part.state_dict()) for name, part in parts.items()
+                    if not stores_itself(part) and getattr(part, "per_rank", False)}
+        final = self.root / step_dir_name(step)
         if self.rank == 0:
-            self._write(final, model, tokenizer, optimizer, train_state, rng_states, data_states, config_text)
+            self._write(final, parts, gathered, step)
         self.barrier()
         return final
 
-    def _write(self, final, model, tokenizer, optimizer, train_state, rng_states, data_states, config_text) -> None:
+    def _write(self, final: Path, parts: Mapping[str, Any], gathered: dict, step: int) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         run_lock.acquire(self.run_dir)
         self.remove_partial()
         tmp = final.with_name(final.name + ".tmp")
-        needed = bytes_needed(unwrap_model(model), optimizer)
+        # Rank 0's state of the parts stored as NAME.pt (the self-storing ones take theirs while writing).
+        own = {name: part.state_dict() for name, part in parts.items()
+               if not stores_itself(part) and name not in gathered}
+        needed = (sum(part.nbytes() for part in parts.values() if hasattr(part, "nbytes"))
+                  + tensor_bytes(own) + tensor_bytes(gathered) + (4 << 20))  # + tokenizer, config, pickle framing
         check_free_space(self.root, needed)
         tmp.mkdir()
         try:
-            save_model_dir(unwrap_model(model), tokenizer, tmp)
-            torch.save(
-                {"optimizer_class": type(optimizer).__name__, "state_dict": optimizer.state_dict()},
-                tmp / "optimizer.pt",
-            )
-            torch.save({"world_size": self.world_size, "ranks": rng_states}, tmp / "rng.pt")
-            torch.save({"world_size": self.world_size, "ranks": data_states}, tmp / "data.pt")
-            (tmp / "config.yaml").write_text(config_text)
-            train_state.save(tmp / "train_state.json")
+            for name, part in parts.items():
+                if stores_itself(part):
+                    part.save_files(tmp)
+                elif name in gathered:
+                    torch.save({"world_size": self.world_size, "ranks": gathered[name]}, tmp / f"{name}.pt")
+                else:
+                    torch.save(own[name], tmp / f"{name}.pt")
             write_manifest(tmp)  # last: a manifest vouches for every file before it
             _fsync_tree(tmp)
         except Exception as err:
@@ -300,7 +239,7 @@ class Checkpointer:
         else:
             os.rename(tmp, final)
         _fsync_dir(self.root)
-        self._purge(train_state.step)
+        self._purge(step)
 
     def _purge(self, current_step: int) -> None:
         complete = list_checkpoints(self.run_dir)
@@ -326,89 +265,6 @@ class Checkpointer:
 # Loading
 
 
-def _describe(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
-
-
-def load_model_weights(path: str | Path, model: torch.nn.Module, map_location=None) -> None:
-    """Load `path/model.safetensors` into `model` strictly: every key present, every shape equal.
-
-    Weights tied in the model (one tensor under two names) are stored once; either name counts.
-    """
-    from safetensors import safe_open
-
-    file = Path(path) / "model.safetensors"
-    if not file.is_file():
-        raise T5ForgeError(f"{file} not found; is {path} a complete checkpoint?")
-    target = unwrap_model(model)
-    expected = target.state_dict()
-    if map_location is None:
-        first = next(target.parameters(), None)
-        map_location = first.device if first is not None else "cpu"
-    aliases: dict[tuple, list[str]] = {}
-    for key, tensor in expected.items():
-        ptr = tensor.untyped_storage().data_ptr()
-        alias = (ptr, tensor.storage_offset(), tuple(tensor.shape)) if ptr else key  # empty tensors alias nothing
-        aliases.setdefault(alias, []).append(key)
-
-    with safe_open(str(file), framework="pt", device=str(torch.device(map_location))) as f:
-        stored = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-        unexpected = sorted(set(stored) - set(expected))
-        missing = sorted(
-            key for group in aliases.values() if not any(k in stored for k in group) for key in group
-        )
-        mismatched = sorted(
-            f"{key} {list(stored[key])} vs model {list(expected[key].shape)}"
-            for key in set(stored) & set(expected)
-            if stored[key] != tuple(expected[key].shape)
-        )
-        problems = []
-        if missing:
-            problems.append(f"missing from the checkpoint: {_describe(missing)}")
-        if unexpected:
-            problems.append(f"not in the model: {_describe(unexpected)}")
-        if mismatched:
-            problems.append(f"shape mismatch: {_describe(mismatched)}")
-        if problems:
-            raise T5ForgeError(
-                f"{file} does not fit this model ({'; '.join(problems)}); "
-                f"resume with the model config the checkpoint was written with (its config.yaml)"
-            )
-        tensors = {key: f.get_tensor(key) for key in stored}
-    for group in aliases.values():
-        present = next(k for k in group if k in tensors)
-        for key in group:
-            tensors.setdefault(key, tensors[present])
-    target.load_state_dict(tensors, strict=True)
-
-
-def _read(file: Path, read):
-    """`read()` with any library error (truncated pickle, bad safetensors header, bad JSON) as one line."""
-    try:
-        return read()
-    except T5ForgeError:
-        raise
-    except Exception as err:
-        first = str(err).splitlines()[0] if str(err) else ""
-        raise T5ForgeError(
-            f"{file} is unreadable ({type(err).__name__}: {first[:200]}); the checkpoint is damaged: "
-            "resume from another one (resume=auto skips damaged checkpoints that have a manifest.json)"
-        ) from None
-
-
-def _rank_entry(file: Path, payload: Any, rank: int, world_size: int) -> Any:
-    if not isinstance(payload, dict) or "ranks" not in payload:
-        raise T5ForgeError(f"{file} is not a t5forge checkpoint file")
-    if payload["world_size"] != world_size:
-        raise T5ForgeError(
-            f"{file} was written by {payload['world_size']} processes and this run has {world_size}; "
-            f"per-process state (data position, RNG) cannot be carried over: resume with {payload['world_size']} processes "
-            f"(torchrun --nproc_per_node {payload['world_size']})"
-        )
-    return payload["ranks"][rank]
-
-
 def load(
     path: str | Path,
     model: torch.nn.Module,
@@ -418,36 +274,22 @@ def load(
     rank: int = 0,
     world_size: int = 1,
 ) -> tuple[TrainState, dict, Any]:
-    """Restore model weights (strictly) and optimizer state from a checkpoint directory.
+    """Restore model weights (strictly) and optimizer state from a checkpoint directory: the values
+    of a standard run checkpoint, for tools and tests (a run restores its parts in place, load_parts).
 
     Returns `(train_state, rng_state, data_state)` for this rank; the caller restores the RNGs
     (`rng.restore`) and the loader (`loader.load_state_dict`) once they are built. `map_location`
     defaults to the model's device. `optimizer=None` loads the weights and counters only.
     """
+    state, rng_state, data_state = TrainState(), Value(), Value()
+    parts = {"model": ModelPart(model)}
+    if optimizer is not None:
+        parts["optimizer"] = OptimizerPart(optimizer)
+    parts.update(train_state=TrainStatePart(state), rng=PerRank(rng_state, weights_only=True),
+                 data=PerRank(data_state))
     path = Path(path)
-    missing = missing_files(path)
+    missing = missing_files(path)  # the whole checkpoint, even where only some parts are read
     if missing:
         raise T5ForgeError(f"{path} is not a complete t5forge checkpoint: it lacks {', '.join(missing)}")
-    if map_location is None:
-        first = next(unwrap_model(model).parameters(), None)
-        map_location = first.device if first is not None else "cpu"
-    _read(path / "model.safetensors", lambda: load_model_weights(path, model, map_location=map_location))
-    if optimizer is not None:
-        saved = _read(path / "optimizer.pt",
-                      lambda: torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True))
-        if saved["optimizer_class"] != type(optimizer).__name__:
-            raise T5ForgeError(
-                f"{path / 'optimizer.pt'} holds {saved['optimizer_class']} state but this run uses "
-                f"{type(optimizer).__name__}; resume with the same optim.name"
-            )
-        try:
-            optimizer.load_state_dict(saved["state_dict"])
-        except ValueError as err:
-            raise T5ForgeError(f"{path / 'optimizer.pt'} does not fit this optimizer: {err}") from None
-    train_state = _read(path / "train_state.json", lambda: TrainState.load(path / "train_state.json"))
-    # Our own pickles from our own run; the loader state may hold arbitrary Python objects.
-    rng_file, data_file = path / "rng.pt", path / "data.pt"
-    rng_state = _rank_entry(rng_file, _read(rng_file, lambda: torch.load(rng_file, weights_only=True)), rank, world_size)
-    data_state = _rank_entry(data_file, _read(data_file, lambda: torch.load(data_file, weights_only=False)), rank,
-                             world_size)
-    return train_state, rng_state, data_state
+    load_parts(path, parts, map_location=map_location, rank=rank, world_size=world_size)
+    return state, rng_state.value, data_state.value

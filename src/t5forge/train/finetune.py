@@ -5,8 +5,9 @@
          -> Plan (optim.epochs x ceil(examples / batch) steps) -> FinetuneLoader, optimizer, schedule
          -> resume (false | auto | path) -> train() -> out_dir/{config.yaml, metrics.jsonl, checkpoints/, eval/}
 
-The training loop, checkpoints, resume and metrics log are those of pre-training (train/loop.py);
-what differs is the data (finite, epoch-based, see data/finetune_loader.py) and the evaluation:
+The wiring (device, model, optimizer, checkpoints, resume, metrics log, the loop) is the shared
+run builder's (train/run_builder.py, train/loop.py); what differs is the data (finite,
+epoch-based, see data/finetune_loader.py) and the evaluation:
 held-out loss over the first `eval.steps` test batches (of optim.batch_size examples), then greedy generation of
 `finetune.max_target_len` tokens for every test example, scored with the official SNI metrics
 (exact match, Rouge-L), written to out_dir/eval/step-NNNNNNNN/{predictions.jsonl, metrics.json}.
@@ -20,20 +21,14 @@ import time
 
 import torch
 
-from t5forge.config import RunConfig, run_config_text
+from t5forge.config import RunConfig
 from t5forge.errors import T5ForgeError
-from t5forge.train import rng
-from t5forge.train.checkpoint import Checkpointer
-from t5forge.train.loop import LoopParts, train
-from t5forge.train.setup import (
-    autocast_for, build_model, enable_fast_math, launch, load_run_tokenizer, log_device, model_summary, open_run_dir,
-    pick_device, resume_or_seed, start_run_files, starting_weights, training_model,
-)
+from t5forge.run_layout import checkpoints_dir, eval_dir
+from t5forge.train.run_builder import Run, Task, run_task
+from t5forge.train.setup import model_summary
 from t5forge.train.state import TrainState
 
 log = logging.getLogger(__name__)
-
-EVAL_DIR = "eval"
 
 
 def load_finetune_data(cfg: RunConfig, tokenizer) -> tuple[list, list | None, str]:
@@ -172,7 +167,7 @@ def finetune_evaluator(cfg: RunConfig, plan, examples, name, tokenizer, model, d
             metadata = {"step": step, "data": name, "run_dir": str(run_dir)}
             metrics.update(generation_metrics(
                 model, tokenizer, examples, cfg=cfg, batch_size=plan.micro_batch_size, device=device,
-                autocast=autocast, world=world, out_dir=run_dir / EVAL_DIR / f"step-{step:08d}", metadata=metadata,
+                autocast=autocast, world=world, out_dir=eval_dir(run_dir, step), metadata=metadata,
             ))
         metrics["eval_seconds"] = time.perf_counter() - t0
         return metrics
@@ -187,66 +182,50 @@ def _track_epochs(loader, state: TrainState):
         yield batch
 
 
+class FinetuneTask(Task):
+    """What fine-tuning brings to the shared run (train/run_builder.py): the examples, the epoch-based
+    Plan and loader, the held-out loss + generation evaluation, the data summary line."""
+
+    def prepare(self, run: Run) -> None:
+        from t5forge.plan import make_plan
+
+        cfg = run.cfg
+        self.train_examples, self.eval_examples, self.eval_name = load_finetune_data(cfg, run.tokenizer)
+        run.plan = make_plan(cfg, world_size=run.world.world_size, train_examples=len(self.train_examples),
+                             tokenizer_ids=run.tokenizer.vocab_size)
+
+    def train_loader(self, run: Run):
+        return build_train_loader(run.cfg, run.plan, self.train_examples, run.tokenizer, run.world, run.device)
+
+    def batches(self, run: Run, loader):
+        return _track_epochs(loader, run.state)
+
+    def summary(self, run: Run, loader) -> str:
+        cfg = run.cfg
+        epochs = f"{cfg.optim.epochs} epoch(s) of " if cfg.optim.epochs > 0 else ""
+        held_out = f"{len(self.eval_examples)} held-out ({self.eval_name})" if self.eval_examples else "no held-out set"
+        return (f"{run.plan.summary()}\ndata: {epochs}{len(self.train_examples)} training examples "
+                f"({loader.steps_per_epoch} steps per epoch), {held_out}{_packing_note(loader)}\n"
+                + model_summary(run.model, run.plan, run.tokenizer))
+
+    def evaluator(self, run: Run):
+        if self.eval_examples:
+            return finetune_evaluator(run.cfg, run.plan, self.eval_examples, self.eval_name, run.tokenizer, run.model,
+                                      run.device, run.autocast, run.world, run.run_dir)
+        if run.cfg.eval.steps > 0:
+            log.info("no held-out data (finetune.validation_files is empty): training without evaluation")
+        return None
+
+    # flops_per_step: None. Padded lengths vary per batch: a FLOPs count from the maximum lengths
+    # would overstate MFU.
+
+    def done(self, run: Run, state: TrainState) -> str:
+        best = f", best eval loss {state.best_eval_loss:.4f} at step {state.best_eval_step}" if state.best_eval_loss else ""
+        return (f"done: {state.step} steps ({state.epoch} epoch(s)), {state.examples_seen:,} examples, "
+                f"{state.elapsed_train_seconds:.0f}s of training{best}; checkpoints in {checkpoints_dir(run.run_dir)}")
+
+
 def run_finetune(cfg: RunConfig) -> int:
     if cfg.mode != "ft":
         raise T5ForgeError(f"mode={cfg.mode} is a pre-training config; run it with `t5forge pretrain`")
-    return launch(cfg, _run)
-
-
-def _run(cfg: RunConfig, world) -> int:
-    from t5forge.optim.build import build_optimizer, build_schedule
-    from t5forge.plan import make_plan
-
-    device = pick_device(cfg.device, world.local_rank)
-    log_device(cfg, device)
-    enable_fast_math(device)
-    run_dir, resume_from = open_run_dir(cfg)
-
-    weights = starting_weights(cfg)
-    tokenizer = load_run_tokenizer(cfg, weights)
-    train_examples, eval_examples, eval_name = load_finetune_data(cfg, tokenizer)
-    plan = make_plan(cfg, world_size=world.world_size, train_examples=len(train_examples),
-                     tokenizer_ids=tokenizer.vocab_size)
-
-    rng.seed_all(cfg.seed)  # same initial weights on every rank (a fresh model)
-    model = build_model(cfg, tokenizer, device, weights, plan.vocab_size)
-    optimizer = build_optimizer(model, cfg.optim)
-    lr_at = build_schedule(cfg.optim, total_steps=plan.total_steps)
-    train_loader = build_train_loader(cfg, plan, train_examples, tokenizer, world, device)
-
-    state = resume_or_seed(resume_from, cfg, model, optimizer, train_loader, world)
-
-    autocast = autocast_for(cfg.precision, device)
-    epochs = f"{cfg.optim.epochs} epoch(s) of " if cfg.optim.epochs > 0 else ""
-    held_out = f"{len(eval_examples)} held-out ({eval_name})" if eval_examples else "no held-out set"
-    logger = start_run_files(
-        cfg, run_dir, state, resume_from is not None, plan.total_steps, world,
-        f"{plan.summary()}\ndata: {epochs}{len(train_examples)} training examples "
-        f"({train_loader.steps_per_epoch} steps per epoch), {held_out}{_packing_note(train_loader)}\n"
-        + model_summary(model, plan, tokenizer),
-    )
-    evaluate = None
-    if eval_examples:
-        evaluate = finetune_evaluator(cfg, plan, eval_examples, eval_name, tokenizer, model, device, autocast,
-                                      world, run_dir)
-    elif cfg.eval.steps > 0:
-        log.info("no held-out data (finetune.validation_files is empty): training without evaluation")
-
-    training = training_model(model, cfg, world, device, plan)  # the speed twins swapped in (model/fast/)
-    parts = LoopParts(
-        cfg=cfg, plan=plan, model=training.model, loss=training.loss, tokenizer=tokenizer,
-        optimizer=optimizer, lr_at=lr_at,
-        train_batches=_track_epochs(train_loader, state), data_state=train_loader.state_dict,
-        restart_data=lambda position: (train_loader.load_state_dict(position), _track_epochs(train_loader, state))[1], evaluate=evaluate,
-        checkpointer=Checkpointer(run_dir, keep_last=cfg.checkpoint.keep_last or None, world=world),
-        logger=logger, world=world, device=device, autocast=autocast, config_text=run_config_text(cfg),
-        # Padded lengths vary per batch: a FLOPs count from the maximum lengths would overstate MFU.
-        flops_per_step=None, peak_flops=None,
-    )
-    with logger:
-        state = train(parts, state)
-    if world.is_main:
-        best = f", best eval loss {state.best_eval_loss:.4f} at step {state.best_eval_step}" if state.best_eval_loss else ""
-        log.info(f"done: {state.step} steps ({state.epoch} epoch(s)), {state.examples_seen:,} examples, "
-              f"{state.elapsed_train_seconds:.0f}s of training{best}; checkpoints in {run_dir / 'checkpoints'}")
-    return 0
+    return run_task(cfg, FinetuneTask())

@@ -25,7 +25,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import torch
 
@@ -33,14 +33,13 @@ from t5forge.errors import RunStopped, T5ForgeError
 from t5forge.model import fast
 from t5forge.model.loss import TokenNLL
 from t5forge.optim.schedules import set_lr
-from t5forge.train import rng
 from t5forge.train.checkpoint import Checkpointer, checkpoint_step, unwrap_model
-from t5forge.train.distributed import World, all_reduce_sum, host_max
+from t5forge.distributed import World, all_reduce_sum, host_max
 from t5forge.train.metrics_log import MetricsLogger, estimate_mfu
 from t5forge.train.nonfinite import NonfiniteSteps, roll_back_if_due, check_weights_finite, warn_if_collapsed
 from t5forge.train.setup import compiles
 from t5forge.train.state import TrainState
-from t5forge.train.stop_signals import StopRequests
+from t5forge.stop_signals import StopRequests
 from t5forge.train.timing import Stopwatch
 
 log = logging.getLogger(__name__)
@@ -51,27 +50,27 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_att
 
 @dataclass
 class LoopParts:
-    """Everything the loop touches, built by `pretrain.py` / `finetune.py`."""
+    """Everything the loop touches, built by train/run_builder.py."""
 
     cfg: Any  # RunConfig
     plan: Any  # Plan
     model: torch.nn.Module  # possibly DDP- and compile-wrapped
-    tokenizer: Any
     optimizer: torch.optim.Optimizer
     lr_at: Callable[[float], float]
     train_batches: Iterable[dict]  # endless iterator of micro-batches (the loader repeats epochs)
-    data_state: Callable[[], Any]  # the train loader's state_dict, saved with checkpoints
     evaluate: Callable[[int], dict] | None  # step -> metrics, or None for no evaluation
     checkpointer: Checkpointer
+    # name -> stateful part (run_builder.checkpoint_parts): what every checkpoint saves, and what a
+    # rollback restores; its "train_state" part holds the TrainState the loop advances
+    checkpoint_parts: Mapping[str, Any]
     logger: MetricsLogger
     world: World
     device: torch.device
     autocast: Callable[[], Any]
-    config_text: str
     flops_per_step: float | None = None  # global training FLOPs per optimizer step (for MFU)
     peak_flops: float | None = None  # one device's peak FLOP/s in the run's precision
-    # data_state -> a fresh iterator of micro-batches from that position (for a rollback)
-    restart_data: Callable[[Any], Iterable[dict]] | None = None
+    # a fresh iterator of micro-batches from the loader's (restored) position, for a rollback
+    restart_data: Callable[[], Iterable[dict]] | None = None
     loss: torch.nn.Module | None = None  # the token NLL (model/loss.py, or its fast twin); None: TokenNLL()
 
 
@@ -212,10 +211,7 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float, host_reads: bool
 
 def save_checkpoint(parts: LoopParts, state: TrainState) -> Path:
     check_weights_finite(parts.model, state.step, parts.checkpointer.latest)
-    return parts.checkpointer.save(
-        model=parts.model, tokenizer=parts.tokenizer, optimizer=parts.optimizer, train_state=state,
-        data_state=parts.data_state(), config_text=parts.config_text, rng_state=rng.capture(),
-    )
+    return parts.checkpointer.save(parts.checkpoint_parts, step=state.step)
 
 
 def run_evaluation(parts: LoopParts, state: TrainState) -> None:

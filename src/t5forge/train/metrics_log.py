@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 
+from t5forge import run_layout
 from t5forge.errors import T5ForgeError
 
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = run_layout.METRICS
 
 
 def _plain(value: Any) -> Any:
@@ -126,7 +127,7 @@ class MetricsLogger:
             # purge_step hides events written after the checkpoint we resume from (all of them
             # for a fresh start), matching what happens to metrics.jsonl.
             purge = 0 if resume_step is None else resume_step + 1
-            self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
+            self._writer = SummaryWriter(str(Path(run_dir) / run_layout.TENSORBOARD), purge_step=purge)
         if wandb is not None:  # {"project": ..., "config": {...}}: see wandb_sink
             from t5forge.train.wandb_sink import WandbSink
 

@@ -90,10 +90,8 @@ def roll_back_if_due(parts, state, skipped: NonfiniteSteps):
     learning rate times optim.rollback_lr_factor, and return the checkpoint's path. None when under
     the limit; a T5ForgeError with on_nonfinite=stop, without a checkpoint, or after
     optim.max_rollbacks. Every rank reads the same counters (from all-reduced values), so all agree."""
-    import dataclasses
 
-    from t5forge.train import rng
-    from t5forge.train.checkpoint import load
+    from t5forge.train.checkpoint_parts import load_parts
 
     _, in_a_row = skipped.read()
     if in_a_row < skipped.limit:
@@ -109,13 +107,10 @@ def roll_back_if_due(parts, state, skipped: NonfiniteSteps):
             f"the data, then resume from the last checkpoint ({latest}) with resume=auto"
         )
     step, restarts, factor = state.step, state.nonfinite_restarts + 1, state.lr_factor * optim.rollback_lr_factor
-    saved, rng_state, data_state = load(latest, parts.model, parts.optimizer,
-                                        rank=parts.world.rank, world_size=parts.world.world_size)
-    for f in dataclasses.fields(saved):
-        setattr(state, f.name, getattr(saved, f.name))
+    # Every part of the run (weights, optimizer, counters into `state`, data position, RNGs, ...).
+    load_parts(latest, parts.checkpoint_parts, rank=parts.world.rank, world_size=parts.world.world_size)
     state.nonfinite_restarts, state.lr_factor = restarts, factor
-    parts.train_batches = parts.restart_data(data_state)
-    rng.restore(rng_state)
+    parts.train_batches = parts.restart_data()
     skipped.total.zero_()
     skipped.in_a_row.zero_()
     parts.logger.log("rollback", step, to_step=state.step, checkpoint=str(latest), in_a_row=in_a_row,

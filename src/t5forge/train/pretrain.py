@@ -1,7 +1,10 @@
 """`t5forge pretrain`: span-corruption pre-training from a RunConfig, end to end.
 
-    argv -> RunConfig (frozen) -> Plan -> tokenizer, model, loaders, optimizer, schedule
+    argv -> RunConfig (frozen) -> tokenizer -> Plan -> loaders -> model, optimizer, schedule
          -> resume (false | auto | path) -> train() -> out_dir/{config.yaml, metrics.jsonl, checkpoints/}
+
+The wiring is the shared run builder's (train/run_builder.py); this module holds what is
+pre-training's own: the span-corruption loaders, the held-out evaluation, the summary numbers.
 
 Launch several processes with `torchrun --nproc_per_node N -m t5forge pretrain ...`: each rank
 reads its own slice of the data; DDP keeps the replicas equal.
@@ -14,17 +17,12 @@ import logging
 
 import torch
 
-from t5forge.config import RunConfig, run_config_text
+from t5forge.config import RunConfig
 from t5forge.errors import T5ForgeError
-from t5forge.train import rng
-from t5forge.train.checkpoint import Checkpointer
-from t5forge.train.loop import LoopParts, train
+from t5forge.run_layout import checkpoints_dir
 from t5forge.model.flops import training_flops
 from t5forge.train.metrics_log import peak_flops
-from t5forge.train.setup import (
-    autocast_for, build_model, enable_fast_math, launch, load_run_tokenizer, log_device, model_summary, open_run_dir,
-    pick_device, resume_or_seed, start_run_files, starting_weights, training_model,
-)
+from t5forge.train.run_builder import Run, Task, run_task
 
 log = logging.getLogger(__name__)
 
@@ -102,60 +100,45 @@ def said_when_short(evaluate, cfg: RunConfig, world):
     return checked
 
 
-def run_pretrain(cfg: RunConfig) -> int:
-    return launch(cfg, _run)
+class PretrainTask(Task):
+    """What pre-training brings to the shared run (train/run_builder.py): span-corruption loaders
+    (train, held-out), the held-out evaluation and the FLOPs of a step for MFU."""
 
+    def prepare(self, run: Run) -> None:
+        from t5forge.plan import make_plan
 
-def _run(cfg: RunConfig, world) -> int:
-    from t5forge.optim.build import build_optimizer, build_schedule
-    from t5forge.plan import make_plan
+        cfg, world = run.cfg, run.world
+        run.plan = make_plan(cfg, world_size=world.world_size, tokenizer_ids=run.tokenizer.vocab_size)
+        # Data before the model: a wrong path fails in seconds, not after initialising 248M parameters.
+        self.loader = build_loader(cfg, run.plan, run.tokenizer, world, "train")
+        self.eval_loader = build_loader(cfg, run.plan, run.tokenizer, world, "validation") if cfg.eval.steps > 0 else None
+        if self.eval_loader is not None:
+            check_held_out(self.eval_loader, cfg)
 
-    device = pick_device(cfg.device, world.local_rank)
-    log_device(cfg, device)
-    enable_fast_math(device)
-    weights = starting_weights(cfg)
-    tokenizer = load_run_tokenizer(cfg, weights)
-    plan = make_plan(cfg, world_size=world.world_size, tokenizer_ids=tokenizer.vocab_size)
-    run_dir, resume_from = open_run_dir(cfg)
+    def train_loader(self, run: Run):
+        return self.loader
 
-    # Data before the model: a wrong path fails in seconds, not after initialising 248M parameters.
-    train_loader = build_loader(cfg, plan, tokenizer, world, "train")
-    eval_loader = build_loader(cfg, plan, tokenizer, world, "validation") if cfg.eval.steps > 0 else None
-    if eval_loader is not None:
-        check_held_out(eval_loader, cfg)
-    rng.seed_all(cfg.seed)  # same initial weights on every rank
-    model = build_model(cfg, tokenizer, device, weights, plan.vocab_size)
-    optimizer = build_optimizer(model, cfg.optim)
-    lr_at = build_schedule(cfg.optim, total_steps=plan.total_steps)
-    state = resume_or_seed(resume_from, cfg, model, optimizer, train_loader, world)
+    def evaluator(self, run: Run):
+        cfg = run.cfg
+        if self.eval_loader is None:
+            if cfg.eval.steps > 0:
+                log.info("no held-out data (data.validation_files is empty): training without evaluation")
+            return None
+        return said_when_short(held_out_evaluator(cfg, self.eval_loader, run.model, run.device, run.autocast,
+                                                  run.world), cfg, run.world)
 
-    autocast = autocast_for(cfg.precision, device)
-    logger = start_run_files(cfg, run_dir, state, resume_from is not None, plan.total_steps, world,
-                             f"{plan.summary()}\n{model_summary(model, plan, tokenizer)}")
-    evaluate = None
-    if eval_loader is not None:
-        evaluate = said_when_short(held_out_evaluator(cfg, eval_loader, model, device, autocast, world), cfg, world)
-    elif cfg.eval.steps > 0:
-        log.info("no held-out data (data.validation_files is empty): training without evaluation")
+    def flops_per_step(self, run: Run) -> float:
+        p = run.plan  # counted from the model's components (model/flops.py)
+        return training_flops(run.model.config, p.batch_size, p.input_length, p.target_length)
 
-    # MFU needs the device's peak (known for GPUs, not CPUs) and the step's FLOPs, counted from the
-    # model's components (model/flops.py), only then.
-    peak = peak_flops(device, "bf16" if cfg.precision == "bf16" else "tf32")
-    flops = training_flops(model.config, plan.batch_size, plan.input_length, plan.target_length) if peak else None
-    training = training_model(model, cfg, world, device, plan)  # the speed twins swapped in (model/fast/)
-    parts = LoopParts(
-        cfg=cfg, plan=plan, model=training.model, loss=training.loss, tokenizer=tokenizer,
-        optimizer=optimizer, lr_at=lr_at,
-        train_batches=iter(train_loader), data_state=train_loader.state_dict,
-        restart_data=lambda position: (train_loader.load_state_dict(position), iter(train_loader))[1], evaluate=evaluate,
-        checkpointer=Checkpointer(run_dir, keep_last=cfg.checkpoint.keep_last or None, world=world),
-        logger=logger, world=world, device=device, autocast=autocast, config_text=run_config_text(cfg),
-        flops_per_step=flops, peak_flops=peak,
-    )
-    with logger:
-        state = train(parts, state)
-    if world.is_main:
+    def peak_flops(self, run: Run) -> float | None:
+        return peak_flops(run.device, "bf16" if run.cfg.precision == "bf16" else "tf32")
+
+    def done(self, run: Run, state) -> str:
         best = f", best eval loss {state.best_eval_loss:.4f} at step {state.best_eval_step}" if state.best_eval_loss else ""
-        log.info(f"done: {state.step} steps, {state.tokens_seen:,} tokens, "
-              f"{state.elapsed_train_seconds:.0f}s of training{best}; checkpoints in {run_dir / 'checkpoints'}")
-    return 0
+        return (f"done: {state.step} steps, {state.tokens_seen:,} tokens, "
+                f"{state.elapsed_train_seconds:.0f}s of training{best}; checkpoints in {checkpoints_dir(run.run_dir)}")
+
+
+def run_pretrain(cfg: RunConfig) -> int:
+    return run_task(cfg, PretrainTask())

@@ -14,8 +14,9 @@ import socket
 from pathlib import Path
 
 from t5forge.errors import T5ForgeError
+from t5forge.run_layout import LOCK
 
-LOCK_FILE = ".lock"
+LOCK_FILE = LOCK
 # Open lock files by run directory: kept open (and so locked) until the process exits or release().
 _held: dict[Path, int] = {}
 

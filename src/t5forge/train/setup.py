@@ -164,14 +164,14 @@ def model_summary(model, plan, tokenizer) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The steps every run takes around its own data and evaluation (pretrain.py, finetune.py).
+# The steps every run takes around its own data and evaluation (called in order by run_builder.py).
 
 
 def launch(cfg: RunConfig, run) -> int:
     """Join the torchrun process group (if any), call `run(cfg, world)`, leave the group.
     Local paths are made absolute first, so the run and its saved config.yaml name the same files."""
     from t5forge.config import absolute_paths
-    from t5forge.train.distributed import init_world, shutdown
+    from t5forge.distributed import init_world, shutdown
 
     cfg = absolute_paths(cfg)
     on_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
@@ -207,26 +207,22 @@ def open_run_dir(cfg: RunConfig):
     return run_dir, resume_from
 
 
-def resume_or_seed(resume_from, cfg: RunConfig, model, optimizer, loader, world):
-    """The TrainState to start from: the checkpoint's (weights, optimizer, data position and RNGs
-    restored), or a fresh one with this rank's dropout seed. Call after everything is built, so
-    nothing built afterwards draws from the restored RNGs."""
+def resume_or_seed(resume_from, cfg: RunConfig, parts, world) -> None:
+    """Start from the checkpoint `resume_from` (every named part of the run restored in place:
+    weights, optimizer, train state, data position, RNGs, ...; see run_builder.checkpoint_parts), or
+    fresh with this rank's dropout seed when it is None. Call after everything is built, so nothing
+    built afterwards draws from the restored RNGs."""
     from t5forge.train import rng
-    from t5forge.train.checkpoint import load as load_checkpoint
-    from t5forge.train.state import TrainState
+    from t5forge.train.checkpoint_parts import load_parts
 
     if resume_from is None:
         why = f"resume=auto found no checkpoint in {cfg.out_dir}" if cfg.resume == "auto" else "resume=false"
         log.info("start: fresh, at step 0 (%s)", why)
         rng.seed_all(cfg.seed + 1 + world.rank)  # dropout differs across ranks
-        return TrainState()
-    state, rng_state, data_state = load_checkpoint(
-        resume_from, model, optimizer, rank=world.rank, world_size=world.world_size
-    )
-    loader.load_state_dict(data_state)
-    rng.restore(rng_state)
-    log.info("resumed from %s at step %d (weights, optimizer, data position and RNG states)", resume_from, state.step)
-    return state
+        return
+    load_parts(resume_from, parts, rank=world.rank, world_size=world.world_size)
+    step = parts["train_state"].state.step
+    log.info("resumed from %s at step %d (weights, optimizer, data position and RNG states)", resume_from, step)
 
 
 class Training(NamedTuple):
@@ -246,7 +242,7 @@ def training_model(model, cfg: RunConfig, world, device, plan=None) -> Training:
     from t5forge.model import fast
     from t5forge.model.fast.compiled import wanted
     from t5forge.model.loss import TokenNLL
-    from t5forge.train.distributed import wrap_ddp
+    from t5forge.distributed import wrap_ddp
 
     compiled = compiles(cfg.model, device)
     stream = plan.micro_batch_size * plan.input_length * model.config.d_model if plan is not None else None
@@ -294,11 +290,12 @@ def compiles(model_cfg, device) -> bool:
 def start_run_files(cfg: RunConfig, run_dir, state, resumed: bool, total_steps: int, world, summary: str):
     """Write config.yaml and log the run summary (rank 0); return the MetricsLogger (a no-op elsewhere)."""
     from t5forge.config import config_to_dict, run_definition, save_config
+    from t5forge.run_layout import RUN_CONFIG
     from t5forge.train.metrics_log import MetricsLogger
 
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / RUN_CONFIG)
         for line in summary.splitlines():
             log.info("%s", line)
     return MetricsLogger(

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from t5forge.errors import EXIT_ABORTED, RunStopped, T5ForgeError
+from t5forge.run_layout import WANDB_RUN
 
-RUN_FILE = "wandb-run.json"
+RUN_FILE = WANDB_RUN
 _LOCAL_MODES = ("offline", "dryrun", "disabled")  # modes that need no W&B account
 _OFFLINE_HINT = "or set WANDB_MODE=offline to log into out_dir/wandb and upload later with `wandb sync`"
 

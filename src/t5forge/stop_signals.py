@@ -5,7 +5,8 @@ a job; Ctrl-C sends SIGINT. `StopRequests` records the first such signal instead
 loop can finish the optimizer step in flight, write a checkpoint and exit. A second SIGINT raises
 KeyboardInterrupt at once (the user insists). Handlers are installed only while the context is
 open, and only in the main thread (Python allows signal handlers nowhere else); the previous ones
-come back on exit.
+come back on exit. At the package's top level: the training loop handles the signals, the data
+loader's workers ignore them (`ignore_stop_signals`), and data/ must not import train/.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """torch.distributed setup for `torchrun` launches: rank/world from the environment, DDP wrapping.
 
 A single process (no `torchrun`) is world size 1 and nothing here touches torch.distributed, so the
-CPU path and the tests never need a process group.
+CPU path and the tests never need a process group. It sits at the package's top level, below every
+part that needs the ranks: held-out evaluation sums over them (eval/loss.py), as do the training
+loop and the commands.
 """
 
 from __future__ import annotations
