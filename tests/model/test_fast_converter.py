@@ -147,3 +147,23 @@ def test_converted_bf16_autocast_training_gradients_close_to_fp32():
         scale = ref[name].abs().max()
         assert (p.grad - ref[name]).abs().max() <= 0.1 * scale, name
         assert (p.grad - ref[name]).norm() <= 0.05 * ref[name].norm(), name
+
+
+def test_a_registered_research_component_runs_plain_and_the_log_says_so(caplog):
+    # model/feed_forwards.py's squared ReLU, chosen by name: no twin knows it, so it stays as it is.
+    torch.manual_seed(0)
+    plain = T5(tiny_config(feed_forward="squared_relu"))
+    model = copy.deepcopy(plain)
+    with caplog.at_level(logging.INFO, logger="t5forge.model.fast"):
+        _, loss, report = fast.apply(model, TokenNLL(), device="cpu")
+    kind = type(plain.decoder.blocks[0].ff)
+    assert kind is not FeedForward and all(type(b.ff) is kind for b in model.encoder.blocks)
+    assert report.left_plain == {f"{kind.__name__} (subclass of FeedForward)": 5}
+    assert f"left plain {kind.__name__} (subclass of FeedForward) x5" in caplog.text
+    batch = padded_batch()
+    ref = summed_nll(plain, TokenNLL(), batch)
+    ref.backward()
+    out = summed_nll(model, loss, batch)
+    out.backward()
+    torch.testing.assert_close(out, ref, **TOL)
+    assert_same_gradients(model, plain)
