@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from t5forge.config import load_config
+from t5forge.config_files import load_config
 from t5forge.distributed import World
 from t5forge.model import fused
 from t5forge.model.config import T5Config
