@@ -88,7 +88,7 @@ def fewest_rows(batch) -> int:
 
 def row_capacity(args, device) -> tuple[int | None, int | None]:
     """(source, target) packed row capacity, None = the batch's longest; -1 asks t5forge finetune's rule."""
-    from t5forge.config import load_config
+    from t5forge.config_files import load_config
     from t5forge.train.finetune import pack_capacity
 
     if args.pack_source_len >= 0 and args.pack_target_len >= 0:

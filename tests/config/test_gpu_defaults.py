@@ -3,7 +3,7 @@ and the chunked cross-entropy sizes its chunks for the device."""
 
 import torch
 
-from t5forge.config import load_config
+from t5forge.config_files import load_config
 from t5forge.model.fast.loss import default_chunk_rows
 from t5forge.train.setup import compiles
 

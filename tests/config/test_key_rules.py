@@ -12,8 +12,9 @@ import pytest
 
 from t5forge import cli
 from t5forge.config import (
-    CROSS_KEY_RULES, RETIRED_KEYS, RunConfig, _leaves, check_value, describe_keys, load_config, validate,
+    CROSS_KEY_RULES, RETIRED_KEYS, RunConfig, _leaves, check_value, describe_keys, validate,
 )
+from t5forge.config_files import load_config
 from t5forge.errors import T5ForgeError
 
 # Rules that are not a bound or a choice: one bad value each, by rule text.
@@ -146,7 +147,7 @@ def test_retired_keys_are_unknown_on_the_command_line(key):
 def test_an_old_runs_config_file_with_retired_keys_still_loads(tmp_path, caplog):
     old = tmp_path / "config.yaml"
     old.write_text("logging:\n  every_steps: 5\n  grad_l2: true\n  weights_l2: false\n")
-    with caplog.at_level("WARNING", logger="t5forge.config"):
+    with caplog.at_level("WARNING", logger="t5forge.config_files"):
         cfg = load_config([f"config={old}"])
     assert cfg.logging.every_steps == 5
     assert not any(f.name in ("grad_l2", "weights_l2") for f in dataclasses.fields(cfg.logging))

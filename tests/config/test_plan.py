@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from t5forge.config import load_config
+from t5forge.config_files import load_config
 from t5forge.errors import T5ForgeError
 from t5forge.plan import make_plan, resolve_model_config, split_batch
 

@@ -3,7 +3,7 @@ nanoT5's), step 1 and the lr warmup are logged densely, and the plan summary say
 
 import pytest
 
-from t5forge.config import load_config
+from t5forge.config_files import load_config
 from t5forge.errors import T5ForgeError
 from t5forge.plan import make_plan
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from t5forge import cli
-from t5forge.config import load_config
+from t5forge.config_files import load_config
 from t5forge.presets import PRESETS, preset_names
 
 PRETRAIN_PRESETS = [n for n in preset_names() if PRESETS[n].get("mode", "pt") == "pt"]

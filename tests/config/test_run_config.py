@@ -4,7 +4,8 @@ import dataclasses
 
 import pytest
 
-from t5forge.config import RunConfig, config_to_yaml, describe_keys, load_config, save_config
+from t5forge.config import RunConfig, describe_keys
+from t5forge.config_files import config_to_yaml, load_config, save_config
 from t5forge.errors import T5ForgeError
 
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from t5forge import cli
-from t5forge.config import load_config, with_run_dir
+from t5forge.config_files import load_config, with_run_dir
 
 STEPS = 6
 

@@ -65,7 +65,7 @@ def test_preview_shows_corrupted_c4_examples(c4_train_file, spiece_path, capsys)
 
 def test_preview_of_a_run_config_shows_the_runs_first_batches(c4_train_file, spiece_path, t5_tokenizer,
                                                                tmp_path, capsys):
-    from t5forge.config import load_config, save_config
+    from t5forge.config_files import load_config, save_config
 
     config = tmp_path / "config.yaml"
     save_config(load_config(["task=pt_tiny", f"data.tokenizer={spiece_path}", f"data.train_files=[{c4_train_file}]",

@@ -226,7 +226,7 @@ def test_heldout_batch_of_a_multi_process_run_is_one_ranks_micro_batch(pt_run, t
 
 def test_sni_on_a_finetuning_checkpoint_uses_the_runs_prompts_and_lengths(tokenizer, model_dir, spiece_path,
                                                                          data_dir, tmp_path, capsys):
-    from t5forge.config import load_config, save_config
+    from t5forge.config_files import load_config, save_config
     from t5forge.train.finetune import load_finetune_data
 
     cfg = load_config(["task=ft_tiny", f"data.tokenizer={spiece_path}", f"finetune.sni_dir={data_dir / 'sni'}",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from t5forge.cli import main
-from t5forge.config import load_config
+from t5forge.config_files import load_config
 from t5forge.data.finetune_loader import FinetuneLoader
 from t5forge.data.packing import assign_rows, pack_seq2seq
 from t5forge.data.seq2seq import collate_packed, collate_seq2seq

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from t5forge.cli import main
-from t5forge.config import load_config
+from t5forge.config_files import load_config
 from t5forge.errors import T5ForgeError
 from t5forge.model.components import REGISTRIES
 from t5forge.model.config import T5Config

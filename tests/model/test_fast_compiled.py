@@ -6,10 +6,9 @@ import logging
 
 import pytest
 import torch
-
 from fast_cases import summed_nll
 
-from t5forge.config import load_config
+from t5forge.config_files import load_config
 from t5forge.distributed import World
 from t5forge.model import fast
 from t5forge.model.config import T5Config

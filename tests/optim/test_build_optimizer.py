@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from t5forge.config import load_config
+from t5forge.config_files import load_config
 from t5forge.optim.adafactor import Adafactor
 from t5forge.optim.adamw_scale import AdamWScale
 from t5forge.optim.build import build_optimizer, build_schedule, param_groups

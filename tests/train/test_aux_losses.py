@@ -87,7 +87,7 @@ def _held_out_batches(run_dir):
     """The run's own held-out batches, as its evaluation read them (eval.steps of them)."""
     import itertools
 
-    from t5forge.config import load_config
+    from t5forge.config_files import load_config
     from t5forge.plan import make_plan
     from t5forge.tokenizer import load_tokenizer
     from t5forge.distributed import World

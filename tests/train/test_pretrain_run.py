@@ -5,7 +5,7 @@ import json
 
 
 from t5forge.cli import main
-from t5forge.config import config_to_yaml, load_config
+from t5forge.config_files import config_to_yaml, load_config
 
 
 def records(run_dir):

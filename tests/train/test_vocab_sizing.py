@@ -8,7 +8,7 @@ import pytest
 from safetensors import safe_open
 
 from t5forge.cli import main
-from t5forge.config import load_config
+from t5forge.config_files import load_config
 from t5forge.errors import T5ForgeError
 from t5forge.plan import make_plan, resolve_model_config
 from t5forge.tokenizer import load_tokenizer

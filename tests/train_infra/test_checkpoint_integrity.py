@@ -138,7 +138,7 @@ def test_full_disk_is_one_clear_error_and_leaves_no_partial(tmp_path, tokenizer,
 
 
 def test_builtin_model_name_is_not_shadowed_by_a_folder(tmp_path, monkeypatch):
-    from t5forge.config import load_config
+    from t5forge.config_files import load_config
     from t5forge.plan import resolve_model_config
 
     (tmp_path / "tiny").mkdir()

@@ -145,7 +145,7 @@ class SaveCounter:
 
 
 def test_a_part_a_task_registers_is_resumed_by_the_run(tmp_path, tiny_pretrain_args):
-    from t5forge.config import load_config
+    from t5forge.config_files import load_config
     from t5forge.train.pretrain import PretrainTask
     from t5forge.train.run_builder import run_task
 

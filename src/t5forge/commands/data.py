@@ -47,7 +47,8 @@ def preview_config(args):
     """The RunConfig of the run to preview: the items, then the options that were given."""
     import dataclasses
 
-    from t5forge.config import load_config, validate
+    from t5forge.config import validate
+    from t5forge.config_files import load_config
     from t5forge.errors import T5ForgeError
 
     cfg = load_config(args.items)

@@ -1,7 +1,7 @@
 """`t5forge finetune [task=ft] [config=PATH] [a.b=value ...] [--print-config | --list-keys]`: fine-tuning.
 
 The items are resolved on top of the `ft` preset (nanoT5's Tk-Instruct fine-tuning on SNI) by
-`t5forge.config.load_config(argv, base="ft")`; a pre-training config (mode=pt) is refused.
+`t5forge.config_files.load_config(argv, base="ft")`; a pre-training config (mode=pt) is refused.
 `--print-config` prints the resolved YAML and `--list-keys` every key with its resolved value, and
 exit; otherwise the run goes to `t5forge.train.finetune.run_finetune(cfg)`. An empty `out_dir`
 becomes `runs/finetune-<date>-<time>`; local paths become absolute (`with_run_dir`).
@@ -24,7 +24,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from t5forge.config import config_to_yaml, load_config, with_run_dir
+    from t5forge.config_files import config_to_yaml, load_config, with_run_dir
     from t5forge.errors import T5ForgeError
 
     from t5forge.presets import get_preset

@@ -1,6 +1,6 @@
 """`t5forge pretrain [task=NAME] [config=PATH] [a.b=value ...] [--print-config | --list-keys]`: pre-training.
 
-The items are resolved by `t5forge.config.load_config` (defaults < preset < file < overrides);
+The items are resolved by `t5forge.config_files.load_config` (defaults < preset < file < overrides);
 `--print-config` prints the resolved YAML and `--list-keys` every key with its resolved value, and
 exit; otherwise the run goes to `t5forge.train.pretrain.run_pretrain(cfg)`. An empty `out_dir`
 becomes `runs/pretrain-<date>-<time>` and local paths become absolute (`with_run_dir`), so that the
@@ -30,7 +30,8 @@ def print_keys(rows) -> None:
 
 
 def run(args) -> int:
-    from t5forge.config import config_to_yaml, describe_keys, load_config, with_run_dir
+    from t5forge.config import describe_keys
+    from t5forge.config_files import config_to_yaml, load_config, with_run_dir
     from t5forge.errors import T5ForgeError
     from t5forge.presets import DESCRIPTIONS
 

@@ -49,7 +49,7 @@ def run_world_size(model_dir: Path) -> int:
 
 def load_run_settings(model_dir: Path) -> RunSettings | None:
     """The run config of the checkpoint in `model_dir`, or None for a plain model directory."""
-    from t5forge.config import load_config
+    from t5forge.config_files import load_config
 
     path = find_run_config(model_dir)
     if path is None:

@@ -25,6 +25,7 @@ Parameter names are t5forge's own (model/hf.py maps them to HF's).
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn

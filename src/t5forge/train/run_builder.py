@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from t5forge.config import RunConfig, run_config_text
+from t5forge.config import RunConfig
+from t5forge.config_files import run_config_text
 from t5forge.train import rng
 from t5forge.train.checkpoint import Checkpointer
 from t5forge.train.checkpoint_parts import run_parts

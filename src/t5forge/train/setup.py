@@ -170,7 +170,7 @@ def model_summary(model, plan, tokenizer) -> str:
 def launch(cfg: RunConfig, run) -> int:
     """Join the torchrun process group (if any), call `run(cfg, world)`, leave the group.
     Local paths are made absolute first, so the run and its saved config.yaml name the same files."""
-    from t5forge.config import absolute_paths
+    from t5forge.config_files import absolute_paths
     from t5forge.distributed import init_world, shutdown
 
     cfg = absolute_paths(cfg)
@@ -289,7 +289,7 @@ def compiles(model_cfg, device) -> bool:
 
 def start_run_files(cfg: RunConfig, run_dir, state, resumed: bool, total_steps: int, world, summary: str):
     """Write config.yaml and log the run summary (rank 0); return the MetricsLogger (a no-op elsewhere)."""
-    from t5forge.config import config_to_dict, run_definition, save_config
+    from t5forge.config_files import config_to_dict, run_definition, save_config
     from t5forge.run_layout import RUN_CONFIG
     from t5forge.train.metrics_log import MetricsLogger
 
