@@ -76,7 +76,7 @@ class ModelConfig:
     compile: Optional[bool] = _key(None, "torch.compile the model (bf16 + compile is the GPU recipe); null = on "
                                    "for CUDA (as nanoT5 runs), off for CPU (eager; see model.compile_elementwise)")
     compile_elementwise: Optional[bool] = _key(None, "torch.compile only the residual adds, norms and gated "
-                                               "activations while training on CPU (model/fused.py); null = on "
+                                               "activations while training on CPU (model/fast/compiled.py); null = on "
                                                "there for a residual stream (micro-batch x input length x "
                                                "d_model) of 400k+ elements, unless model.compile")
     attention: str = _key("sdpa", "attention back end (flex: FlexAttention, GPU training)",
