@@ -239,10 +239,10 @@ def training_model(model, cfg: RunConfig, world, device, plan=None) -> Training:
     model.compile, the twins' elementwise stretches run compiled on their own
     (model.compile_elementwise; null: when the plan's residual stream, micro-batch x input length x
     d_model, is large enough to gain from it)."""
+    from t5forge.distributed import wrap_ddp
     from t5forge.model import fast
     from t5forge.model.fast.compiled import wanted
     from t5forge.model.loss import TokenNLL
-    from t5forge.distributed import wrap_ddp
 
     compiled = compiles(cfg.model, device)
     stream = plan.micro_batch_size * plan.input_length * model.config.d_model if plan is not None else None
