@@ -29,17 +29,17 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import torch
 
+from t5forge.distributed import World, all_reduce_sum, host_max
 from t5forge.errors import RunStopped, T5ForgeError
 from t5forge.model import fast
 from t5forge.model.loss import TokenNLL
 from t5forge.optim.schedules import set_lr
+from t5forge.stop_signals import StopRequests
 from t5forge.train.checkpoint import Checkpointer, checkpoint_step, unwrap_model
-from t5forge.distributed import World, all_reduce_sum, host_max
 from t5forge.train.metrics_log import MetricsLogger, estimate_mfu
 from t5forge.train.nonfinite import NonfiniteSteps, roll_back_if_due, check_weights_finite, warn_if_collapsed
 from t5forge.train.setup import compiles
 from t5forge.train.state import TrainState
-from t5forge.stop_signals import StopRequests
 from t5forge.train.timing import Stopwatch
 
 log = logging.getLogger(__name__)
