@@ -102,7 +102,9 @@ class ModelConfig:
     # Components by name (model/components.py; docs/architecture.md says how to add one).
     feed_forward: Optional[str] = _key(None, "override: feed-forward component (dense = T5's)",
                                        _registered("feed_forward"))
-    position: Optional[str] = _key(None, "override: position scheme (t5_bias = T5's relative bias)",
+    position: Optional[str] = _key(None, "override: position scheme: t5_bias = T5's learned relative bias "
+                                         "(Raffel et al. 2020); alibi = linear distance biases (Press et al. "
+                                         "2022, \"Train Short, Test Long\"); none = no position information",
                                    _registered("position"))
     block: Optional[str] = _key(None, "override: block component (pre_norm = T5's)", _registered("block"))
     encoder: Optional[str] = _key(None, "override: encoder component (stack = T5's)", _registered("encoder"))

@@ -2,7 +2,7 @@
 
     kind          T5Config field   default      HF's T5
     feed-forward  feed_forward     "dense"      yes
-    position      position         "t5_bias"    yes
+    position      position         "t5_bias"    yes (alibi, none: no)
     block         block            "pre_norm"   yes
     encoder       encoder          "stack"      yes
 
@@ -24,7 +24,11 @@ FEED_FORWARDS = {
     "dense": "t5forge.model.t5:FeedForward",
     "squared_relu": "t5forge.model.feed_forwards:SquaredReLUFeedForward",
 }
-POSITIONS = {"t5_bias": "t5forge.model.t5:T5RelativeBias"}
+POSITIONS = {
+    "t5_bias": "t5forge.model.t5:T5RelativeBias",
+    "alibi": "t5forge.model.positions:ALiBi",
+    "none": "t5forge.model.positions:NoPosition",
+}
 BLOCKS = {"pre_norm": "t5forge.model.t5:PreNormBlock"}
 ENCODERS = {"stack": "t5forge.model.t5:Stack"}
 
