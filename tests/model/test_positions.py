@@ -161,3 +161,31 @@ def test_the_run_config_chooses_the_scheme(tmp_path, tiny_pretrain_args):
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["kind"] == "train"]
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_a_packed_row_computes_each_example_as_alone(scheme):
+    # Distances are relative and an example is contiguous: packing needs nothing of the scheme.
+    plain, model, _ = plain_and_converted(tiny_config(position=scheme))
+    g = torch.Generator().manual_seed(2)
+    inputs = [torch.randint(2, 96, (n,), generator=g) for n in (5, 3)]
+    labels = [torch.randint(2, 96, (n,), generator=g) for n in (4, 2)]
+    packed = {
+        "input_ids": torch.cat([*inputs, torch.zeros(1, dtype=torch.long)])[None],
+        "encoder_segment_ids": torch.tensor([[1] * 5 + [2] * 3 + [0]]),
+        "labels": torch.cat([*labels, torch.tensor([-100])])[None],
+        "decoder_segment_ids": torch.tensor([[1] * 4 + [2] * 2 + [0]]),
+    }
+    with torch.no_grad():
+        alone = torch.cat([plain(input_ids=i[None], labels=lab[None]).hidden[0] for i, lab in zip(inputs, labels)])
+        for m in (plain, model):
+            torch.testing.assert_close(m(**packed).hidden[0, :6], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_no_position_and_no_mask_is_no_bias_at_all():
+    plain, model, _ = plain_and_converted(tiny_config(position="none"))
+    ids = padded_batch()["input_ids"]
+    with torch.no_grad():
+        for m in (plain, model):
+            assert m.encoder.attention_biases(m.shared(ids), None, None, None, 0, None, None) == (None, None)
+            torch.testing.assert_close(m.encode(ids), plain.encode(ids, torch.ones_like(ids)), rtol=1e-5, atol=1e-5)
