@@ -138,3 +138,15 @@ def test_missing_spec_and_foreign_directory(tmp_path, c4_pretrain_args, capsys):
     path = _write(tmp_path / "spec.yaml", {"base": _base(c4_pretrain_args), "budget": 3, "arms": ARMS})
     assert main(["ablate", str(path), "--out", str(tmp_path / "out")]) == 2
     assert "did not write" in capsys.readouterr().err
+
+
+def test_time_budget_trains_each_arm_for_that_long(tmp_path, c4_pretrain_args, capsys):
+    spec = _write(tmp_path / "spec.yaml", {"base": _base(c4_pretrain_args), "budget": "2s",
+                                           "arms": {"baseline": []}})
+    out = tmp_path / "out"
+    assert main(["ablate", str(spec), "--out", str(out)]) == 0
+    assert "warm-up step" in capsys.readouterr().out
+    (row,) = json.loads((out / "results.json").read_text())["arms"]
+    assert row["train_seconds"] >= 2 and row["steps"] >= 1 and math.isfinite(row["final_eval_loss"])
+    assert yaml.safe_load((out / "baseline" / "config.yaml").read_text())["optim"]["time_budget"] == "2s"
+    assert not (out / ".warmup").exists()  # the throwaway step leaves nothing behind

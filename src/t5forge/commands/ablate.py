@@ -4,7 +4,8 @@ held-out batches and budget, then compare them in DIR/results.json, DIR/results.
 The spec and the results are `t5forge.ablation`'s. Every arm's config is resolved and checked before
 the first one trains; each arm then runs in this process through the pretrain command's own path
 (`load_config` -> `with_run_dir` -> `run_pretrain`) into DIR/ARM. A finished arm is not rerun when
-the command is repeated; an unfinished one resumes from its newest checkpoint (resume=auto).
+the command is repeated; an unfinished one resumes from its newest checkpoint (resume=auto). With a
+time budget, one throwaway step runs first, so that no arm's clock pays the process's start-up.
 """
 
 HELP = "pre-train several variants on equal budgets and compare them (t5forge ablate SPEC.yaml --out DIR)"
@@ -14,6 +15,26 @@ def add_arguments(parser) -> None:
     parser.add_argument("spec", metavar="SPEC.yaml", help="the ablation: base overrides, a budget per arm, the arms")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="where each arm trains (DIR/ARM) and the results go; rerun with the same DIR to continue")
+
+
+WARMUP_DIR = ".warmup"  # not an arm name (those start with a letter or digit)
+
+
+def _warm_up(spec, arm, out) -> None:
+    """One throwaway step of `arm` before the timed arms: a process's first training step pays one-time
+    costs (kernel and allocator set-up) that would otherwise come off the first arm's time budget only."""
+    import shutil
+
+    from t5forge.config_files import load_config, with_run_dir
+    from t5forge.train.pretrain import run_pretrain
+
+    where = out / WARMUP_DIR
+    shutil.rmtree(where, ignore_errors=True)
+    print(f"ablate: one warm-up step of arm {arm} in {where} (no arm's budget pays the process's first step)",
+          flush=True)
+    run_pretrain(with_run_dir(load_config([*spec.items(arm, out), f"out_dir={where}", "resume=false",
+                                           "stop_at_step=1"]), "pretrain"))
+    shutil.rmtree(where, ignore_errors=True)
 
 
 def run(args) -> int:
@@ -30,6 +51,9 @@ def run(args) -> int:
     configs = arm_configs(spec, out)  # every arm's config checked before anything trains
     statuses = {name: arm_status(out / name, spec.fingerprint(name)) for name in configs}
     print(f"ablate: {len(configs)} arm(s), {spec.budget.describe()} each, into {out}", flush=True)
+    pending = [name for name in configs if statuses[name] != "done"]
+    if pending and spec.budget.seconds is not None:
+        _warm_up(spec, pending[0], out)
     for index, (name, cfg) in enumerate(configs.items(), start=1):
         arm_dir = out / name
         if statuses[name] == "done":
