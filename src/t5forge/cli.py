@@ -22,6 +22,7 @@ COMMANDS = {
     "tokenizer": "t5forge.commands.tokenizer",
     "data": "t5forge.commands.data",
     "plot": "t5forge.commands.plot",
+    "ablate": "t5forge.commands.ablate",
 }
 
 
