@@ -96,6 +96,7 @@ BAD_SPECS = [
     ({"budget": 3, "arms": {"a": ["data.input_length=32"]}}, "arms.a sets data.input_length"),
     ({"budget": 3, "arms": {"a": ["optim.total_steps=9"]}}, "arms.a sets optim.total_steps, which budget:"),
     ({"base": ["out_dir=/tmp/x"], "budget": 3, "arms": ARMS}, "base sets out_dir"),
+    ({"base": ["optim.total_steps=9"], "budget": 3, "arms": ARMS}, "base sets optim.total_steps, which budget:"),
 ]
 
 
@@ -141,8 +142,9 @@ def test_missing_spec_and_foreign_directory(tmp_path, c4_pretrain_args, capsys):
 
 
 def test_time_budget_trains_each_arm_for_that_long(tmp_path, c4_pretrain_args, capsys):
-    spec = _write(tmp_path / "spec.yaml", {"base": _base(c4_pretrain_args), "budget": "2s",
-                                           "arms": {"baseline": []}})
+    # The base's optim.total_steps stays the step cap under a time budget: high, so the time decides.
+    spec = _write(tmp_path / "spec.yaml", {"base": [*_base(c4_pretrain_args), "optim.total_steps=100000"],
+                                           "budget": "2s", "arms": {"baseline": []}})
     out = tmp_path / "out"
     assert main(["ablate", str(spec), "--out", str(out)]) == 0
     assert "warm-up step" in capsys.readouterr().out

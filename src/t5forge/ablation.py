@@ -14,6 +14,9 @@ Every arm trains into OUT/ARM with the same data, seed and evaluation settings (
 data.*, eval.*, seed, task or config), so their held-out NLLs are measured on the same batches.
 OUT/ARM/ablate-arm.json records what the arm was run with and whether it finished: a finished arm
 is not rerun, an unfinished one resumes (resume=auto), and one run with a different spec is refused.
+Under a duration budget an arm stops when the time or base's optim.total_steps (the schedule's
+length; the preset's when unset) runs out, whichever comes first: set total_steps high enough that
+the time decides.
 """
 
 from __future__ import annotations
@@ -119,11 +122,13 @@ def load_spec(path: str | Path) -> Spec:
     if unknown:
         raise T5ForgeError(f"{path}: unknown key(s) {', '.join(unknown)}; a spec has {', '.join(TOP_KEYS)}")
     base = _overrides(data.get("base"), f"{path}: base")
+    budget = _parse_budget(data.get("budget"), f"{path}: budget")
     for item in base:
         key = item.partition("=")[0].strip()
-        if key in OWNED:
+        # Under a time budget, optim.total_steps stays the base's: the schedule's length and the step
+        # cap (a run stops at whichever of the two ends first, as `t5forge pretrain` does).
+        if key in OWNED and not (key == "optim.total_steps" and budget.seconds is not None):
             raise T5ForgeError(f"{path}: base sets {key}, which {OWNED[key]} sets for every arm; remove it")
-    budget = _parse_budget(data.get("budget"), f"{path}: budget")
     arms = data.get("arms")
     if not isinstance(arms, dict) or not arms:
         raise T5ForgeError(f"{path}: arms must name at least one arm, e.g. arms: {{baseline: [], "
