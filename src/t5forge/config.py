@@ -104,7 +104,9 @@ class ModelConfig:
                                        _registered("feed_forward"))
     position: Optional[str] = _key(None, "override: position scheme (t5_bias = T5's relative bias)",
                                    _registered("position"))
-    block: Optional[str] = _key(None, "override: block component (pre_norm = T5's)", _registered("block"))
+    block: Optional[str] = _key(None, "override: block component (pre_norm = T5's; normformer = NormFormer, "
+                                "Shleifer et al. 2021: norms after attention and inside the feed-forward, "
+                                "head-wise attention scale)", _registered("block"))
     encoder: Optional[str] = _key(None, "override: encoder component (stack = T5's)", _registered("encoder"))
 
     def architecture_overrides(self) -> dict:

@@ -25,7 +25,10 @@ FEED_FORWARDS = {
     "squared_relu": "t5forge.model.feed_forwards:SquaredReLUFeedForward",
 }
 POSITIONS = {"t5_bias": "t5forge.model.t5:T5RelativeBias"}
-BLOCKS = {"pre_norm": "t5forge.model.t5:PreNormBlock"}
+BLOCKS = {
+    "pre_norm": "t5forge.model.t5:PreNormBlock",
+    "normformer": "t5forge.model.normformer:NormFormerBlock",
+}
 ENCODERS = {"stack": "t5forge.model.t5:Stack"}
 
 REGISTRIES = {"feed_forward": FEED_FORWARDS, "position": POSITIONS, "block": BLOCKS, "encoder": ENCODERS}
