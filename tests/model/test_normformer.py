@@ -133,7 +133,8 @@ def test_t5_init_sets_the_extras_to_ones_and_still_draws_t5s_weights():
 def test_a_model_has_pre_norm_t5s_parameters_plus_normformers():
     plain, norm = T5(tiny_config()), T5(config())
     shapes = {n: p.shape for n, p in norm.named_parameters()}
-    assert {n: s for n, s in shapes.items() if not n.endswith(EXTRAS)} == {n: p.shape for n, p in plain.named_parameters()}
+    t5s = {n: s for n, s in shapes.items() if not n.endswith(EXTRAS)}
+    assert t5s == {n: p.shape for n, p in plain.named_parameters()}
     assert shapes["encoder.blocks.0.attn.head_scale"] == (2,)
     assert shapes["decoder.blocks.1.ff.mid_norm.weight"] == (48,)
     assert shapes["decoder.blocks.0.post_cross_norm.weight"] == (32,)
@@ -236,8 +237,9 @@ def test_the_converter_leaves_it_plain_and_the_converted_model_trains_like_the_p
     assert report.left_plain == {"NormFormerBlock (subclass of PreNormBlock)": 5,
                                  "NormFormerAttention (subclass of Attention)": 2 + 3 * 2,
                                  "NormFormerFeedForward (subclass of FeedForward)": 5}
-    assert "left plain NormFormerAttention (subclass of Attention) x8, NormFormerBlock (subclass of PreNormBlock) x5, " \
-           "NormFormerFeedForward (subclass of FeedForward) x5" in caplog.text
+    assert ("left plain NormFormerAttention (subclass of Attention) x8, "
+            "NormFormerBlock (subclass of PreNormBlock) x5, "
+            "NormFormerFeedForward (subclass of FeedForward) x5") in caplog.text
     # Its norms are plain RMSNorms, swapped for the twin: 4 per encoder block, 6 per decoder block, 2 final.
     assert report.swapped["RMSNorm"] == 2 * 4 + 3 * 6 + 2 and "Attention" not in report.swapped
     assert report.fused_residual == report.bias_forms == []  # the stacks run the plain loop and dense bias
@@ -260,7 +262,8 @@ def test_the_converter_leaves_it_plain_and_the_converted_model_trains_like_the_p
 
 def test_export_refuses_it(tmp_path):
     model = T5(config())
-    with pytest.raises(T5ForgeError, match=r"cannot export to HF T5: model\.block='normformer' has no HF T5 equivalent"):
+    refusal = r"cannot export to HF T5: model\.block='normformer' has no HF T5 equivalent"
+    with pytest.raises(T5ForgeError, match=refusal):
         export_hf(model, None, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 

@@ -78,7 +78,8 @@ class NormFormerFeedForward(FeedForward):
             raise T5ForgeError(
                 f"model.block='normformer' puts a norm inside the feed-forward and knows only model.feed_forward "
                 f"'dense' and 'squared_relu'; model.feed_forward={config.feed_forward!r} "
-                f"({type(plain).__name__}) cannot take it: set model.feed_forward to one of those, or model.block=pre_norm"
+                f"({type(plain).__name__}) cannot take it: set model.feed_forward to one of those, "
+                f"or model.block=pre_norm"
             )
         ff = cls(config)
         ff.activation, ff.act = plain.activation, plain.act
