@@ -106,7 +106,9 @@ class ModelConfig:
                                          "(Raffel et al. 2020); alibi = linear distance biases (Press et al. "
                                          "2022, \"Train Short, Test Long\"); none = no position information",
                                    _registered("position"))
-    block: Optional[str] = _key(None, "override: block component (pre_norm = T5's)", _registered("block"))
+    block: Optional[str] = _key(None, "override: block component (pre_norm = T5's; normformer = NormFormer, "
+                                "Shleifer et al. 2021: norms after attention and inside the feed-forward, "
+                                "head-wise attention scale)", _registered("block"))
     encoder: Optional[str] = _key(None, "override: encoder component (stack = T5's)", _registered("encoder"))
 
     def architecture_overrides(self) -> dict:

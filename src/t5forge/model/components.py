@@ -29,7 +29,10 @@ POSITIONS = {
     "alibi": "t5forge.model.positions:ALiBi",
     "none": "t5forge.model.positions:NoPosition",
 }
-BLOCKS = {"pre_norm": "t5forge.model.t5:PreNormBlock"}
+BLOCKS = {
+    "pre_norm": "t5forge.model.t5:PreNormBlock",
+    "normformer": "t5forge.model.normformer:NormFormerBlock",
+}
 ENCODERS = {"stack": "t5forge.model.t5:Stack"}
 
 REGISTRIES = {"feed_forward": FEED_FORWARDS, "position": POSITIONS, "block": BLOCKS, "encoder": ENCODERS}
