@@ -108,7 +108,9 @@ class ModelConfig:
                                    _registered("position"))
     block: Optional[str] = _key(None, "override: block component (pre_norm = T5's; normformer = NormFormer, "
                                 "Shleifer et al. 2021: norms after attention and inside the feed-forward, "
-                                "head-wise attention scale)", _registered("block"))
+                                "head-wise attention scale; primer = Primer's multi-dconv-head attention, So et "
+                                "al. 2021: depthwise conv after the self-attention q/k/v projections, full Primer "
+                                "with model.feed_forward=squared_relu)", _registered("block"))
     encoder: Optional[str] = _key(None, "override: encoder component (stack = T5's)", _registered("encoder"))
 
     def architecture_overrides(self) -> dict:

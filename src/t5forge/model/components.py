@@ -32,6 +32,7 @@ POSITIONS = {
 BLOCKS = {
     "pre_norm": "t5forge.model.t5:PreNormBlock",
     "normformer": "t5forge.model.normformer:NormFormerBlock",
+    "primer": "t5forge.model.primer:PrimerBlock",
 }
 ENCODERS = {"stack": "t5forge.model.t5:Stack"}
 

@@ -18,15 +18,23 @@ _NEG = -1.0e9  # HF's "impossible" score; kept identical so ties and orderings a
 
 
 class LayerCache:
-    """Keys/values of one decoder layer: self-attention grows per step, cross-attention is fixed."""
+    """Keys/values of one decoder layer: self-attention grows per step, cross-attention is fixed.
+
+    A component whose self-attention needs more than its keys/values from earlier steps keeps it in
+    `state` (name -> tensor with the batch first, e.g. Primer's convolution inputs, model/primer.py)
+    and stores the keys/values it computed itself with `append_self_kv`; `KVCache.reorder` reorders
+    `state` with the keys/values, so beam search carries it too."""
 
     def __init__(self, parent: "KVCache"):
         self.parent = parent
         self.k = self.v = None  # (B, H, max_len, D), allocated on first use (dtype of the projections)
         self.cross = None  # (k, v): (B, H, S, D)
+        self.state: dict[str, torch.Tensor] = {}  # a component's own per-row state, batch first
 
     def self_kv(self, attn, h):  # h: (B, L, C) normed inputs of the new positions
-        k, v = attn.project_kv(h)  # (B, H, L, D)
+        return self.append_self_kv(*attn.project_kv(h))
+
+    def append_self_kv(self, k, v):  # k, v: (B, H, L, D) of the new positions -> all so far (B, H, end, D)
         if self.k is None:
             B, H, _, D = k.shape
             self.k = k.new_zeros(B, H, self.parent.max_len, D)
@@ -54,6 +62,7 @@ class KVCache:
         for layer in self.layers:
             if layer.k is not None:
                 layer.k, layer.v = layer.k.index_select(0, index), layer.v.index_select(0, index)
+            layer.state = {name: t.index_select(0, index) for name, t in layer.state.items()}
             # Cross-attention k/v need no reordering: beams of one example share the same encoder output.
 
 
