@@ -80,12 +80,12 @@ def test_the_decoder_block_is_causal_and_the_encoder_block_reads_one_ahead():
         # q/k/v rows before 4 are still unchanged, the encoder's row 3 (t+1 = 4) is not
         attn, h = dec.attn, dec.attn_norm
         qa, qb = attn.q(h(x)), attn.q(h(y))
-        ca = dconv(qa, attn.q_dconv, CAUSAL_TAPS, no_masks(6))
-        cb = dconv(qb, attn.q_dconv, CAUSAL_TAPS, no_masks(6))
+        ca = dconv(qa, attn.q_dconv, attn.taps, no_masks(6))
+        cb = dconv(qb, attn.q_dconv, attn.taps, no_masks(6))
         torch.testing.assert_close(ca[:, :4], cb[:, :4], rtol=0, atol=0)
         e = enc_block.attn
-        ea = dconv(e.q(h(x)), e.q_dconv, SAME_TAPS, no_masks(6))
-        eb = dconv(e.q(h(y)), e.q_dconv, SAME_TAPS, no_masks(6))
+        ea = dconv(e.q(h(x)), e.q_dconv, e.taps, no_masks(6))
+        eb = dconv(e.q(h(y)), e.q_dconv, e.taps, no_masks(6))
         torch.testing.assert_close(ea[:, :3], eb[:, :3], rtol=0, atol=0)
         assert (ea[:, 3] - eb[:, 3]).abs().amax() > 1e-3
 
