@@ -111,7 +111,18 @@ class ModelConfig:
                                 "head-wise attention scale; primer = Primer's multi-dconv-head attention, So et "
                                 "al. 2021: depthwise conv after the self-attention q/k/v projections, full Primer "
                                 "with model.feed_forward=squared_relu)", _registered("block"))
-    encoder: Optional[str] = _key(None, "override: encoder component (stack = T5's)", _registered("encoder"))
+    encoder: Optional[str] = _key(None, "override: encoder component (stack = T5's; hourglass = Hourglass, Nawrot "
+                                  "et al. 2022, \"Hierarchical Transformers Are More Efficient Language Models\": "
+                                  "the middle blocks on a sequence shortened by model.hourglass_factor)",
+                                  _registered("encoder"))
+    hourglass_factor: Optional[int] = _key(None, "override: model.encoder=hourglass: shortening factor k (average "
+                                           "pooling of k tokens, each shortened vector repeated k times back; T5Config "
+                                           "default 2)", at_least(2, note="or null for the default, 2"))
+    hourglass_pre: Optional[int] = _key(None, "override: model.encoder=hourglass: blocks at full length before the "
+                                        "shortened ones (default 1)", at_least(0, note="or null for the default, 1"))
+    hourglass_post: Optional[int] = _key(None, "override: model.encoder=hourglass: blocks at full length after the "
+                                         "shortened ones (default 1; num_layers - pre - post run shortened)",
+                                         at_least(0, note="or null for the default, 1"))
 
     def architecture_overrides(self) -> dict:
         """The set architecture fields, as T5Config keyword arguments."""
@@ -122,6 +133,7 @@ ARCHITECTURE_KEYS = (
     "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
     "relative_attention_num_buckets", "relative_attention_max_distance", "feed_forward_proj",
     "tie_word_embeddings", "layer_norm_epsilon", "feed_forward", "position", "block", "encoder",
+    "hourglass_factor", "hourglass_pre", "hourglass_post",
 )
 
 

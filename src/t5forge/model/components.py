@@ -4,7 +4,7 @@
     feed-forward  feed_forward     "dense"      yes
     position      position         "t5_bias"    yes (alibi, none: no)
     block         block            "pre_norm"   yes
-    encoder       encoder          "stack"      yes
+    encoder       encoder          "stack"      yes (hourglass: no)
 
 A component is a class built as `Class(config)` (feed-forward) or `Class(config, is_decoder)`
 (position, block, encoder). Adding one is the class plus one line in its registry below; see
@@ -34,7 +34,10 @@ BLOCKS = {
     "normformer": "t5forge.model.normformer:NormFormerBlock",
     "primer": "t5forge.model.primer:PrimerBlock",
 }
-ENCODERS = {"stack": "t5forge.model.t5:Stack"}
+ENCODERS = {
+    "stack": "t5forge.model.t5:Stack",
+    "hourglass": "t5forge.model.hourglass:HourglassStack",
+}
 
 REGISTRIES = {"feed_forward": FEED_FORWARDS, "position": POSITIONS, "block": BLOCKS, "encoder": ENCODERS}
 # What transformers' T5 can express, kind by kind (model/hf.py refuses to export anything else).

@@ -63,6 +63,11 @@ class T5Config:
     position: str = "t5_bias"
     block: str = "pre_norm"
     encoder: str = "stack"
+    # t5forge only: the hourglass encoder (model/hourglass.py): shortening factor k, and the blocks at
+    # full length before and after the shortened ones (num_layers - pre - post run shortened)
+    hourglass_factor: int = 2
+    hourglass_pre: int = 1
+    hourglass_post: int = 1
 
     def __post_init__(self):
         if self.num_decoder_layers is None:
@@ -77,9 +82,25 @@ class T5Config:
         self.activation  # validates feed_forward_proj
         for kind in ("feed_forward", "position", "block", "encoder"):
             check_name(kind, getattr(self, kind))
+        self._check_hourglass()
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise T5ForgeError(
                 f"model config: attention_backend {self.attention_backend!r} is unknown; use one of {ATTENTION_BACKENDS}"
+            )
+
+    def _check_hourglass(self):
+        k, pre, post = self.hourglass_factor, self.hourglass_pre, self.hourglass_post
+        if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+            raise T5ForgeError(f"model config: hourglass_factor (the shortening factor) must be an integer >= 2, "
+                               f"got {k!r}")
+        for name, value in (("hourglass_pre", pre), ("hourglass_post", post)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise T5ForgeError(f"model config: {name} must be an integer >= 0, got {value!r}")
+        if self.encoder == "hourglass" and self.num_layers - pre - post < 1:
+            raise T5ForgeError(
+                f"model config: encoder 'hourglass' runs num_layers - hourglass_pre - hourglass_post blocks "
+                f"shortened, at least 1: num_layers={self.num_layers}, hourglass_pre={pre}, "
+                f"hourglass_post={post}; raise num_layers or lower hourglass_pre / hourglass_post"
             )
 
     # ------------------------------------------------------------------ derived
