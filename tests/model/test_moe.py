@@ -20,7 +20,7 @@ from t5forge.model.flops import training_flops
 from t5forge.model.hf import export_hf
 from t5forge.model.load import load_model
 from t5forge.model.loss import TokenNLL
-from t5forge.model.moe import SwitchFeedForward, route, router_losses
+from t5forge.model.moe import SwitchFeedForward, active_parameters, route, router_losses
 from t5forge.model.t5 import T5, FeedForward
 
 C, E = 4, 3
@@ -249,3 +249,25 @@ def test_a_pretrain_run_with_switch_trains_logs_the_router_losses_and_loads_back
     assert saved["feed_forward"] == "switch" and saved["num_experts"] == 4
     model, _ = load_model(out)
     assert isinstance(model.decoder.blocks[1].ff, SwitchFeedForward) and model.decoder.blocks[1].ff.num_experts == 4
+
+
+def test_active_parameters_count_top_k_of_the_experts():
+    config = tiny_config(feed_forward="switch", num_experts=4, expert_top_k=2)
+    model = T5(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    experts = sum(p.numel() for n, p in model.named_parameters() if n.rpartition(".")[2] in ("wi_0", "wi_1", "wo"))
+    assert experts == 2 * 3 * 4 * config.d_model * config.d_ff  # two sparse layers (encoder 1, decoder 1)
+    assert active_parameters(shapes, config) == model.num_parameters() - experts // 2
+    dense = T5(tiny_config())
+    assert active_parameters({k: tuple(v.shape) for k, v in dense.state_dict().items()}, dense.config) \
+        == dense.num_parameters()
+
+
+def test_the_router_stays_fp32_under_autocast():
+    ff = switch(top_k=2).train()
+    x = tokens([[1, 0, 0], [0, 1, 0.5]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ff(x)
+    assert ff.aux_losses["router_z"].term.dtype == torch.float32 and y.shape == x.shape
+    with torch.no_grad():
+        torch.testing.assert_close(y.float(), ff(x), rtol=0.05, atol=0.02)  # the experts ran in bfloat16

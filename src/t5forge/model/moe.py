@@ -50,6 +50,23 @@ from t5forge.model.outputs import AuxLoss
 from t5forge.model.t5 import ACTIVATIONS
 
 
+# The stacked expert weights' attribute names (parameters of their own, not nn.Linear's ".weight").
+EXPERT_WEIGHTS = ("wi", "wi_0", "wi_1", "wo")
+
+
+def active_parameters(shapes: dict, config: T5Config) -> int:
+    """The parameters one token uses, from a state dict's {name: shape}: every parameter, except that
+    each sparse layer's stacked experts (E, ., .) count top_k of their num_experts (the router counts
+    in full)."""
+    total = 0
+    for name, shape in shapes.items():
+        n = math.prod(shape)
+        if config.feed_forward == "switch" and name.rpartition(".")[2] in EXPERT_WEIGHTS and len(shape) == 3:
+            n = n // config.num_experts * config.expert_top_k
+        total += n
+    return total
+
+
 class Routing:
     """Where each token's assignments go. N tokens, k = top_k assignments each (choice-major:
     row j * N + n is token n's j-th choice):
@@ -138,7 +155,9 @@ class SwitchFeedForward(nn.Module):
         B, L, C = x.shape
         N, E = B * L, self.num_experts
         tokens = x.reshape(N, C)
-        logits = F.linear(tokens.float(), self.router.weight.float())  # (N, E), fp32 as the paper's router
+        # (N, E) in fp32, the paper's "selective precision": autocast would run the router in half precision
+        with torch.autocast("cuda" if x.is_cuda else "cpu", enabled=False):
+            logits = F.linear(tokens.float(), self.router.weight.float())
         balance, z = router_losses(logits)
         self.aux_losses = {"router_balance": AuxLoss(balance, self.coefs[0]),
                            "router_z": AuxLoss(z, self.coefs[1])}
