@@ -215,7 +215,8 @@ def test_config_checks_and_old_files_load():
                        (dict(num_experts=1, expert_top_k=2), "at most num_experts"),
                        (dict(expert_capacity_factor=0.0), "expert_capacity_factor must be > 0"),
                        (dict(moe_every=0), "moe_every must be a positive integer"),
-                       (dict(router_z_loss_coef=-1.0), "router_z_loss_coef must be >= 0")]:
+                       (dict(router_z_loss_coef=-1.0), "router_z_loss_coef must be >= 0"),
+                       (dict(feed_forward="switch", moe_every=4), "moe_every=4 leaves no sparse layer")]:
         with pytest.raises(T5ForgeError, match=match):
             tiny_config(**bad)
     saved = tiny_config().to_json_dict()

@@ -97,6 +97,11 @@ class T5Config:
         if not self.expert_capacity_factor > 0:
             raise T5ForgeError(
                 f"model config: expert_capacity_factor must be > 0, got {self.expert_capacity_factor!r}")
+        if self.feed_forward in SPARSE_FEED_FORWARDS and self.moe_every > max(self.num_layers, self.num_decoder_layers):
+            raise T5ForgeError(
+                f"model config: moe_every={self.moe_every} leaves no sparse layer in {self.num_layers} encoder / "
+                f"{self.num_decoder_layers} decoder layers (feed_forward={self.feed_forward!r}); lower moe_every"
+            )
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
             if not getattr(self, name) >= 0:
                 raise T5ForgeError(f"model config: {name} must be >= 0, got {getattr(self, name)!r}")
