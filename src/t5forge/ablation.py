@@ -32,7 +32,7 @@ import yaml
 
 from t5forge.durations import format_seconds, parse_time_budget
 from t5forge.errors import T5ForgeError
-from t5forge.run_layout import METRICS, MODEL_WEIGHTS, newest_model_checkpoint
+from t5forge.run_layout import METRICS, MODEL_CONFIG, MODEL_WEIGHTS, newest_model_checkpoint
 
 TOP_KEYS = ("base", "budget", "arms")
 ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -227,14 +227,20 @@ def _latest_records(records: list[dict], kind: str) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def _parameters(arm_dir: Path) -> int | None:
+def _parameters(arm_dir: Path) -> tuple[int | None, int | None]:
+    """(parameters, active parameters: those one token uses, model/moe.py) of the arm's newest checkpoint."""
     checkpoint = newest_model_checkpoint(arm_dir)
     if checkpoint is None:
-        return None
+        return None, None
     from safetensors import safe_open
 
+    from t5forge.model.config import T5Config
+    from t5forge.model.moe import active_parameters
+
     with safe_open(str(checkpoint / MODEL_WEIGHTS), "pt") as f:
-        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    config = T5Config.from_json_file(checkpoint / MODEL_CONFIG)
+    return sum(math.prod(s) for s in shapes.values()), active_parameters(shapes, config)
 
 
 def summarize(name: str, arm_dir: Path, overrides: tuple[str, ...]) -> dict:
@@ -257,14 +263,14 @@ def summarize(name: str, arm_dir: Path, overrides: tuple[str, ...]) -> dict:
     curve = [[train_time(r["step"]), r["step"], r["eval_loss"]] for r in evals]
     rates = [r["tokens_per_s"] for r in train if r.get("tokens_per_s") is not None]
     marker = json.loads((arm_dir / ARM_FILE).read_text()) if (arm_dir / ARM_FILE).is_file() else {}
-    parameters = _parameters(arm_dir)
+    parameters, active = _parameters(arm_dir)
     return {
         "arm": name,
         "overrides": list(overrides),
         "run_dir": str(arm_dir),
         "finished": bool(marker.get("finished")),
         "parameters": parameters,
-        "active_parameters": parameters,  # every parameter is used per token for now (no sparse arm counts less)
+        "active_parameters": active,  # a sparse arm's experts count top_k of num_experts
         "tokens_per_s": statistics.median(rates) if rates else None,
         "steps": steps[-1] if steps else 0,
         "train_seconds": seconds[-1] if seconds else 0.0,
@@ -291,7 +297,8 @@ def write_results(out: Path, spec: Spec, rows: list[dict]) -> list[Path]:
     """OUT/results.json, OUT/results.md and OUT/curves.png."""
     header = {"spec": str(spec.path), "base": list(spec.base), "budget": spec.budget.text,
               "budget_means": spec.budget.describe(), "eval_loss": "held-out NLL, nats per target token",
-              "active_parameters": "equal to parameters for now: no arm routes tokens to a subset of its weights",
+              "active_parameters": "the parameters one token uses: a mixture of experts counts top_k of its "
+                                   "experts (model/moe.py active_parameters); otherwise all of them",
               "arms": rows}
     (out / RESULTS_JSON).write_text(json.dumps(header, indent=2) + "\n")
     measures = next((r["rss_measures"] for r in rows if r.get("rss_measures")), None)

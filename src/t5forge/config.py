@@ -100,7 +100,8 @@ class ModelConfig:
     tie_word_embeddings: Optional[bool] = _key(None, "override: share input embedding and LM head")
     layer_norm_epsilon: Optional[float] = _key(None, "override: RMSNorm epsilon", above(0))
     # Components by name (model/components.py; docs/architecture.md says how to add one).
-    feed_forward: Optional[str] = _key(None, "override: feed-forward component (dense = T5's)",
+    feed_forward: Optional[str] = _key(None, "override: feed-forward component (dense = T5's; switch = "
+                                       "sparse mixture of experts, Fedus et al. 2021, see model.num_experts)",
                                        _registered("feed_forward"))
     position: Optional[str] = _key(None, "override: position scheme: t5_bias = T5's learned relative bias "
                                          "(Raffel et al. 2020); alibi = linear distance biases (Press et al. "
@@ -123,6 +124,21 @@ class ModelConfig:
     hourglass_post: Optional[int] = _key(None, "override: model.encoder=hourglass: blocks at full length after the "
                                          "shortened ones (default 1; num_layers - pre - post run shortened)",
                                          at_least(0, note="or null for the default, 1"))
+    # The sparse mixture-of-experts feed-forward (model.feed_forward=switch; model/moe.py); unused otherwise.
+    num_experts: Optional[int] = _key(None, "override: experts per sparse layer (model.feed_forward=switch); "
+                                      "default 8", _POSITIVE_OVERRIDE)
+    expert_top_k: Optional[int] = _key(None, "override: experts per token, 1 (Switch, Fedus et al. 2021) or 2 "
+                                       "(gates renormalised); default 1",
+                                       check("1 or 2", lambda v: None if v in (1, 2) else "must be 1 or 2"))
+    expert_capacity_factor: Optional[float] = _key(None, "override: slots per expert = ceil(factor * tokens * top_k "
+                                                   "/ experts) in training, the rest dropped (passed through "
+                                                   "the residual); default 1.25", above(0))
+    moe_every: Optional[int] = _key(None, "override: every k-th layer of each stack is sparse (layers k-1, 2k-1, "
+                                    "...), the others dense; default 2", _POSITIVE_OVERRIDE)
+    router_aux_loss_coef: Optional[float] = _key(None, "override: weight of the router's load-balancing loss "
+                                                 "(logged aux_router_balance); default 0.01", at_least(0.0))
+    router_z_loss_coef: Optional[float] = _key(None, "override: weight of the router z-loss (Zoph et al. 2022; "
+                                               "logged aux_router_z); default 0.001", at_least(0.0))
 
     def architecture_overrides(self) -> dict:
         """The set architecture fields, as T5Config keyword arguments."""
@@ -134,6 +150,8 @@ ARCHITECTURE_KEYS = (
     "relative_attention_num_buckets", "relative_attention_max_distance", "feed_forward_proj",
     "tie_word_embeddings", "layer_norm_epsilon", "feed_forward", "position", "block", "encoder",
     "hourglass_factor", "hourglass_pre", "hourglass_post",
+    "num_experts", "expert_top_k", "expert_capacity_factor", "moe_every", "router_aux_loss_coef",
+    "router_z_loss_coef",
 )
 
 

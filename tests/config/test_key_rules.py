@@ -24,6 +24,7 @@ SPECIAL_BAD = {
     "auto | cpu | cuda | cuda:N": "gpu",
     "a duration (4h, 90m, 1h30m, 45s) or ''": "4 hours",
     "a registered name (model/components.py)": "nope",
+    "1 or 2": 3,
 }
 
 

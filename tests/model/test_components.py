@@ -45,7 +45,7 @@ def test_an_unknown_component_names_its_kind_and_the_known_ones(kind):
 
 
 def test_the_run_config_chooses_the_component(tmp_path, tiny_pretrain_args):
-    with pytest.raises(T5ForgeError, match="model.feed_forward='nope': is unknown; known: dense, squared_relu"):
+    with pytest.raises(T5ForgeError, match="model.feed_forward='nope': is unknown; known: dense, squared_relu, switch"):
         load_config(["task=pt_tiny", "model.feed_forward=nope"])
     out = tmp_path / "run"
     assert main(tiny_pretrain_args(out, "model.feed_forward=squared_relu")) == 0

@@ -23,6 +23,7 @@ from t5forge.errors import T5ForgeError
 FEED_FORWARDS = {
     "dense": "t5forge.model.t5:FeedForward",
     "squared_relu": "t5forge.model.feed_forwards:SquaredReLUFeedForward",
+    "switch": "t5forge.model.moe:SwitchFeedForward",
 }
 POSITIONS = {
     "t5_bias": "t5forge.model.t5:T5RelativeBias",

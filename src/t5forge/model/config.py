@@ -34,6 +34,8 @@ HF_CONFIG_KEYS = (
     "layer_norm_epsilon", "feed_forward_proj", "tie_word_embeddings", "pad_token_id", "eos_token_id",
     "decoder_start_token_id",
 )
+# Feed-forwards that T5Config.for_layer puts into every moe_every-th layer only.
+SPARSE_FEED_FORWARDS = ("switch",)
 # What to_hf_dict adds: constant for every model t5forge writes.
 HF_CONSTANT_KEYS = {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
                     "is_encoder_decoder": True, "initializer_factor": 1.0, "use_cache": True}
@@ -68,6 +70,14 @@ class T5Config:
     hourglass_factor: int = 2
     hourglass_pre: int = 1
     hourglass_post: int = 1
+    # t5forge only: the sparse mixture-of-experts feed-forward (feed_forward="switch", model/moe.py);
+    # read only by it, so they change nothing in a model without it.
+    num_experts: int = 8
+    expert_top_k: int = 1  # experts per token: 1 (Switch) or 2 (GShard-style top-2)
+    expert_capacity_factor: float = 1.25  # slots per expert = ceil(factor * tokens * top_k / num_experts)
+    moe_every: int = 2  # every moe_every-th layer of a stack is sparse (layers k-1, 2k-1, ...), the rest dense
+    router_aux_loss_coef: float = 0.01  # load-balancing loss weight (the paper's alpha)
+    router_z_loss_coef: float = 0.001  # router z-loss weight (Zoph et al. 2022, ST-MoE)
 
     def __post_init__(self):
         if self.num_decoder_layers is None:
@@ -80,6 +90,26 @@ class T5Config:
         if not 0.0 <= self.dropout_rate < 1.0:
             raise T5ForgeError(f"model config: dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
         self.activation  # validates feed_forward_proj
+        for name in ("num_experts", "moe_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise T5ForgeError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.expert_top_k not in (1, 2) or self.expert_top_k > self.num_experts:
+            raise T5ForgeError(
+                f"model config: expert_top_k must be 1 or 2 and at most num_experts ({self.num_experts}), "
+                f"got {self.expert_top_k!r}"
+            )
+        if not self.expert_capacity_factor > 0:
+            raise T5ForgeError(
+                f"model config: expert_capacity_factor must be > 0, got {self.expert_capacity_factor!r}")
+        if self.feed_forward in SPARSE_FEED_FORWARDS and self.moe_every > max(self.num_layers, self.num_decoder_layers):
+            raise T5ForgeError(
+                f"model config: moe_every={self.moe_every} leaves no sparse layer in {self.num_layers} encoder / "
+                f"{self.num_decoder_layers} decoder layers (feed_forward={self.feed_forward!r}); lower moe_every"
+            )
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            if not getattr(self, name) >= 0:
+                raise T5ForgeError(f"model config: {name} must be >= 0, got {getattr(self, name)!r}")
         for kind in ("feed_forward", "position", "block", "encoder"):
             check_name(kind, getattr(self, kind))
         self._check_hourglass()
@@ -119,6 +149,15 @@ class T5Config:
                 f"or another of {list(ACTIVATIONS)} with an optional 'gated-' prefix"
             )
         return "gelu_new" if proj == "gated-gelu" else act
+
+    def for_layer(self, index: int) -> "T5Config":
+        """The config that layer `index` (0-based, within its stack) is built from: this one, except
+        that with a sparse feed-forward (SPARSE_FEED_FORWARDS) only every moe_every-th layer has it
+        (layers moe_every-1, 2*moe_every-1, ...: for 2 the odd layers, Switch Transformer's placement)
+        and the others have T5's dense one."""
+        if self.feed_forward in SPARSE_FEED_FORWARDS and (index + 1) % self.moe_every:
+            return self.replace(feed_forward="dense")
+        return self
 
     def replace(self, **changes) -> "T5Config":
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})

@@ -179,7 +179,8 @@ class Stack(nn.Module):
         self.config, self.is_decoder = config, is_decoder
         self.position = build("position", config, is_decoder)
         n_layers = config.num_decoder_layers if is_decoder else config.num_layers
-        self.blocks = nn.ModuleList([build("block", config, is_decoder) for _ in range(n_layers)])
+        # for_layer: a sparse feed-forward sits in every moe_every-th layer only (model/moe.py)
+        self.blocks = nn.ModuleList([build("block", config.for_layer(i), is_decoder) for i in range(n_layers)])
         self.final_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
         self.dropout = nn.Dropout(config.dropout_rate)
 
