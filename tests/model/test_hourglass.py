@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 from fast_cases import TOL, assert_same_gradients, padded_batch, summed_nll, tiny_config
+from recompute import greedy_by_recompute
 
 from t5forge.cli import main
 from t5forge.errors import T5ForgeError
@@ -150,24 +151,6 @@ def test_gradients_match_finite_differences():
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: shorten(t, mask, 2)[0], [x])
-
-
-def greedy_by_recompute(model, ids, mask, steps):
-    """Greedy decoding with no cache: the whole prefix through the decoder at every step."""
-    cfg = model.config
-    with torch.no_grad():
-        enc = model.encode(ids, mask)
-        dec = torch.full((ids.size(0), 1), cfg.decoder_start_token_id)
-        finished = torch.zeros(ids.size(0), dtype=torch.bool)
-        out = []
-        for _ in range(steps):
-            nxt = model.decode(dec, enc, mask)[:, -1].argmax(-1).masked_fill(finished, cfg.pad_token_id)
-            out.append(nxt)
-            finished |= nxt == cfg.eos_token_id
-            if finished.all():
-                break
-            dec = torch.cat([dec, nxt[:, None]], 1)
-    return torch.stack(out, 1)
 
 
 def test_cached_generation_equals_a_full_recompute():

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fast_cases import padded_batch, summed_nll, tiny_config
+from recompute import greedy_by_recompute
 
 from t5forge.cli import main
 from t5forge.config_files import load_config
@@ -196,17 +197,7 @@ def test_cached_generation_equals_a_full_recompute():
     batch = padded_batch()
     ids, mask = batch["input_ids"], batch["attention_mask"]
     generated = model.generate(ids, mask, max_new_tokens=8)
-    with torch.no_grad():
-        enc = model.encode(ids, mask)
-        decoder_ids = torch.full((ids.size(0), 1), config.decoder_start_token_id)
-        for _ in range(generated.size(1)):  # the whole decoder over every token so far, each step
-            next_token = model.decode(decoder_ids, enc, mask)[:, -1].argmax(-1)
-            decoder_ids = torch.cat([decoder_ids, next_token[:, None]], dim=1)
-    recomputed = decoder_ids[:, 1:]
-    for row in range(ids.size(0)):  # generate pads a row after its EOS; compare up to it
-        ends = (recomputed[row] == config.eos_token_id).nonzero()
-        n = int(ends[0]) + 1 if len(ends) else generated.size(1)
-        assert generated[row, :n].tolist() == recomputed[row, :n].tolist()
+    assert torch.equal(generated, greedy_by_recompute(model, ids, mask, 8))
     assert generated.size(1) > 1
 
 

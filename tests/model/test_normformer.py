@@ -10,6 +10,7 @@ import logging
 import pytest
 import torch
 from fast_cases import TOL, padded_batch, summed_nll, tiny_config
+from recompute import greedy_by_recompute
 
 from t5forge.cli import main
 from t5forge.errors import T5ForgeError
@@ -184,24 +185,6 @@ def test_gradients_reach_every_parameter_and_match_finite_differences():
     # RMSNorm takes its mean square in fp32 even for float64 inputs, so the differences use a step of
     # 1e-3 (fp32 rounding over a 1e-6 step would swamp them) and tolerances to match.
     assert torch.autograd.gradcheck(f, [t.requires_grad_() for t in inputs], eps=1e-3, atol=1e-3, rtol=1e-3)
-
-
-def greedy_by_recompute(model, ids, mask, steps):
-    """Greedy decoding with no cache: the whole prefix through the decoder at every step."""
-    cfg = model.config
-    with torch.no_grad():
-        enc = model.encode(ids, mask)
-        dec = torch.full((ids.size(0), 1), cfg.decoder_start_token_id)
-        finished = torch.zeros(ids.size(0), dtype=torch.bool)
-        out = []
-        for _ in range(steps):
-            nxt = model.decode(dec, enc, mask)[:, -1].argmax(-1).masked_fill(finished, cfg.pad_token_id)
-            out.append(nxt)
-            finished |= nxt == cfg.eos_token_id
-            if finished.all():
-                break
-            dec = torch.cat([dec, nxt[:, None]], 1)
-    return torch.stack(out, 1)
 
 
 def test_cached_generation_equals_a_full_recompute():

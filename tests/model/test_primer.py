@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fast_cases import TOL, padded_batch, summed_nll, tiny_config
+from recompute import greedy_by_recompute
 
 from t5forge.cli import main
 from t5forge.errors import T5ForgeError
@@ -188,24 +189,6 @@ def test_gradients_reach_the_convs_and_match_finite_differences():
     x = torch.randn(2, 4, 32, dtype=torch.float64)
     inputs = [x] + [torch.randn(32, 3, dtype=torch.float64) for _ in CONVS]
     assert torch.autograd.gradcheck(f, [t.requires_grad_() for t in inputs])
-
-
-def greedy_by_recompute(model, ids, mask, steps):
-    """Greedy decoding with no cache: the whole prefix through the decoder at every step."""
-    cfg = model.config
-    with torch.no_grad():
-        enc = model.encode(ids, mask)
-        dec = torch.full((ids.size(0), 1), cfg.decoder_start_token_id)
-        finished = torch.zeros(ids.size(0), dtype=torch.bool)
-        out = []
-        for _ in range(steps):
-            nxt = model.decode(dec, enc, mask)[:, -1].argmax(-1).masked_fill(finished, cfg.pad_token_id)
-            out.append(nxt)
-            finished |= nxt == cfg.eos_token_id
-            if finished.all():
-                break
-            dec = torch.cat([dec, nxt[:, None]], 1)
-    return torch.stack(out, 1)
 
 
 @pytest.mark.parametrize("position", ["t5_bias", "none"])
