@@ -42,15 +42,29 @@ def summed_nll(model, loss, batch) -> torch.Tensor:
     return loss(*model.output_projection(model(**batch).hidden), batch["labels"])
 
 
-def assert_same_gradients(model, reference, rel: float = 1e-5):
+def assert_same_gradients(model, reference, rel: float = 1e-5, rel_by_suffix: dict | None = None):
     """Every parameter's gradient within rel x that tensor's largest reference gradient (float
-    rounding: the twins sum in another order)."""
+    rounding: the twins sum in another order); `rel_by_suffix` gives parameters whose name ends so
+    their own bound."""
     grads = dict(model.named_parameters())
     assert set(grads) == {n for n, _ in reference.named_parameters()}
     for name, p in reference.named_parameters():
         got = grads[name].grad
         assert got is not None, name
-        assert (got - p.grad).abs().max() <= rel * max(p.grad.abs().max(), 1e-3), name
+        bound = next((r for end, r in (rel_by_suffix or {}).items() if name.endswith(end)), rel)
+        assert (got - p.grad).abs().max() <= bound * max(p.grad.abs().max(), 1e-3), name
+
+
+def assert_converted_equals_plain(model, loss, plain, batch=None, **bounds):
+    """The converted model's training loss (through its `loss`) and every gradient equal the plain
+    model's on `batch` (default padded_batch()); `bounds` go to assert_same_gradients."""
+    batch = padded_batch() if batch is None else batch
+    ref = summed_nll(plain, TokenNLL(), batch)
+    ref.backward()
+    out = summed_nll(model, loss, batch)
+    out.backward()
+    torch.testing.assert_close(out, ref, **TOL)
+    assert_same_gradients(model, plain, **bounds)
 
 
 def grads_of(out, inputs, seed: int = 1):

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from fast_cases import TOL, assert_same_gradients, padded_batch, plain_and_converted, summed_nll, tiny_config
+from fast_cases import TOL, assert_converted_equals_plain, padded_batch, plain_and_converted, summed_nll, tiny_config
 
 from t5forge.model import fast
 from t5forge.model.fast.attention import FastAttention
@@ -70,13 +70,7 @@ def test_a_subclass_and_an_unknown_module_stay_plain_and_are_reported(caplog):
     assert "SquaredReLUFeedForward (subclass of FeedForward) x1" in caplog.text
     # The encoder's attention is not all twins: its bias stays dense; the blocks still fuse the residual.
     assert report.bias_forms == ["decoder"] and report.fused_residual == ["encoder", "decoder"]
-    batch = padded_batch()
-    ref = summed_nll(plain, TokenNLL(), batch)
-    ref.backward()
-    out = summed_nll(model, loss, batch)
-    out.backward()
-    torch.testing.assert_close(out, ref, **TOL)
-    assert_same_gradients(model, plain)
+    assert_converted_equals_plain(model, loss, plain)
 
 
 def test_eager_attention_stays_plain_and_applying_twice_changes_nothing():
@@ -100,12 +94,7 @@ def test_converted_model_trains_like_the_plain_one(overrides):
     batch = padded_batch()
     for m in (plain, model):
         m.train()
-    ref = summed_nll(plain, TokenNLL(), batch)
-    ref.backward()
-    out = summed_nll(model, loss, batch)
-    out.backward()
-    torch.testing.assert_close(out, ref, **TOL)
-    assert_same_gradients(model, plain)
+    assert_converted_equals_plain(model, loss, plain, batch)
     with torch.no_grad():  # evaluation: the no-grad paths
         torch.testing.assert_close(summed_nll(model, loss, batch), summed_nll(plain, TokenNLL(), batch), **TOL)
         hidden = model(**batch).hidden
@@ -160,10 +149,4 @@ def test_a_registered_research_component_runs_plain_and_the_log_says_so(caplog):
     assert kind is not FeedForward and all(type(b.ff) is kind for b in model.encoder.blocks)
     assert report.left_plain == {f"{kind.__name__} (subclass of FeedForward)": 5}
     assert f"left plain {kind.__name__} (subclass of FeedForward) x5" in caplog.text
-    batch = padded_batch()
-    ref = summed_nll(plain, TokenNLL(), batch)
-    ref.backward()
-    out = summed_nll(model, loss, batch)
-    out.backward()
-    torch.testing.assert_close(out, ref, **TOL)
-    assert_same_gradients(model, plain)
+    assert_converted_equals_plain(model, loss, plain)

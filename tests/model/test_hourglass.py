@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from fast_cases import TOL, assert_same_gradients, padded_batch, summed_nll, tiny_config
+from fast_cases import TOL, assert_converted_equals_plain, padded_batch, summed_nll, tiny_config
 from recompute import greedy_by_recompute
 
 from t5forge.cli import main
@@ -173,13 +173,7 @@ def test_the_converter_leaves_the_stack_plain_and_the_converted_model_trains_lik
     assert report.left_plain == {"HourglassStack (subclass of Stack)": 1}
     assert report.swapped["PreNormBlock"] == 3 + 3 and report.swapped["Stack"] == 1  # the decoder
     assert report.fused_residual == report.bias_forms == ["decoder"]
-    batch = padded_batch()
-    ref = summed_nll(plain, TokenNLL(), batch)
-    ref.backward()
-    out = summed_nll(model, loss, batch)
-    out.backward()
-    torch.testing.assert_close(out, ref, **TOL)
-    assert_same_gradients(model, plain)
+    assert_converted_equals_plain(model, loss, plain)
 
 
 def test_packed_rows_are_refused():

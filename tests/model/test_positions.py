@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from fast_cases import assert_same_gradients, padded_batch, plain_and_converted, summed_nll, tiny_config
+from fast_cases import assert_converted_equals_plain, padded_batch, plain_and_converted, summed_nll, tiny_config
 from recompute import greedy_by_recompute
 
 from t5forge.cli import main
@@ -116,13 +116,7 @@ def test_the_converted_model_equals_the_plain_one_on_the_dense_bias(scheme):
     stacks = [model.encoder, model.decoder]
     assert all(type(s) is FastStack and not s.bias_forms for s in stacks)  # the position is not T5's table
     assert all(type(s.position) is SCHEMES[scheme] for s in stacks)
-    batch = padded_batch()
-    want = summed_nll(plain, TokenNLL(), batch)
-    got = summed_nll(model, loss, batch)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    want.backward()
-    got.backward()
-    assert_same_gradients(model, plain)
+    assert_converted_equals_plain(model, loss, plain)
 
 
 def test_the_converter_reports_the_scheme_and_the_dense_bias(caplog):

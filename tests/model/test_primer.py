@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from fast_cases import TOL, padded_batch, summed_nll, tiny_config
+from fast_cases import TOL, assert_converted_equals_plain, padded_batch, summed_nll, tiny_config
 from recompute import greedy_by_recompute
 
 from t5forge.cli import main
@@ -249,16 +249,7 @@ def test_the_converter_leaves_it_plain_and_the_converted_model_trains_like_the_p
     assert report.left_plain["PrimerBlock (subclass of PreNormBlock)"] == 5
     assert report.left_plain["PrimerAttention (subclass of Attention)"] == 5
     assert report.fused_residual == report.bias_forms == []  # plain loop, dense bias (the conv reads it)
-    batch = padded_batch()
-    ref = summed_nll(plain, TokenNLL(), batch)
-    ref.backward()
-    out = summed_nll(model, loss, batch)
-    out.backward()
-    torch.testing.assert_close(out, ref, **TOL)
-    grads = dict(model.named_parameters())
-    assert set(grads) == {n for n, _ in plain.named_parameters()}
-    for name, p in plain.named_parameters():
-        assert (grads[name].grad - p.grad).abs().max() <= 1e-5 * max(p.grad.abs().max(), 1e-3), name
+    assert_converted_equals_plain(model, loss, plain)
 
 
 def test_export_refuses_it(tmp_path):
