@@ -28,8 +28,12 @@ def collect_aux_losses(model: nn.Module) -> dict:
     each module's dict is emptied, so a term is counted by one forward only."""
     total: dict[str, AuxLoss] = {}
     for module in model.modules():
-        for name, aux in getattr(module, "aux_losses", {}).items():
+        # A plain attribute lives in the instance __dict__; reading it there skips nn.Module's
+        # __getattr__, which raises (and is caught) for every module without one, every forward.
+        terms = module.__dict__.get("aux_losses")
+        if not terms:
+            continue
+        for name, aux in terms.items():
             total[name] = AuxLoss(total[name].term + aux.term, aux.weight) if name in total else aux
-        if getattr(module, "aux_losses", None):
-            module.aux_losses = {}
+        module.aux_losses = {}
     return total
