@@ -22,7 +22,7 @@ from typing import Callable, List, Optional
 from t5forge.constraints import Rule, above, at_least, check, file_list, matches, not_blank, one_of, within
 from t5forge.durations import parse_time_budget
 from t5forge.errors import T5ForgeError
-from t5forge.model.components import REGISTRIES
+from t5forge.model.components import name_problem
 
 OPTIMIZERS = ("adamwscale", "adamw", "adafactor")
 LR_SCHEDULERS = ("cosine", "legacy", "inverse_sqrt", "constant", "linear")
@@ -58,11 +58,7 @@ _POSITIVE_OVERRIDE = at_least(1, note="or null to keep model.name's value")
 
 def _registered(kind: str):
     """The value names a registered component of `kind` (model/components.py)."""
-    def problem(name):
-        known = REGISTRIES[kind]
-        return None if name in known else f"is unknown; known: {', '.join(sorted(known))}"
-
-    return check("a registered name (model/components.py)", problem)
+    return check("a registered name (model/components.py)", lambda name: name_problem(kind, name))
 
 
 @dataclass(frozen=True)

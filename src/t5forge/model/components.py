@@ -45,11 +45,17 @@ REGISTRIES = {"feed_forward": FEED_FORWARDS, "position": POSITIONS, "block": BLO
 HF_T5 = {"feed_forward": "dense", "position": "t5_bias", "block": "pre_norm", "encoder": "stack"}
 
 
+def name_problem(kind: str, name: str) -> str | None:
+    """What is wrong with `name` for `kind` (it is not registered; the known names), or None."""
+    registry = REGISTRIES[kind]
+    return None if name in registry else f"is unknown; known: {', '.join(sorted(registry))}"
+
+
 def check_name(kind: str, name: str) -> None:
     """A T5ForgeError naming the key and the known names when `name` is not registered for `kind`."""
-    registry = REGISTRIES[kind]
-    if name not in registry:
-        raise T5ForgeError(f"model.{kind} {name!r} is unknown; known: {', '.join(sorted(registry))}")
+    problem = name_problem(kind, name)
+    if problem:
+        raise T5ForgeError(f"model.{kind} {name!r} {problem}")
 
 
 def component(kind: str, name: str) -> type:
