@@ -12,8 +12,7 @@ from hf_twins import CONFIGS, hf_reference, padded_batch, t5forge_config
 from t5forge.errors import T5ForgeError
 from t5forge.model import components
 from t5forge.model.config import T5Config
-from t5forge.model.hf import (HF_COMPONENTS, HF_REDUNDANT, export_hf, hf_parameter_shapes, load_hf,
-                               t5forge_to_hf_name)
+from t5forge.model.hf import HF_REDUNDANT, export_hf, hf_parameter_shapes, load_hf, t5forge_to_hf_name
 from t5forge.model.load import (LEGACY_NAMES, legacy_renames, load_model, newest_checkpoint, save_model_dir,
                                 upgrade_state_dict)
 from t5forge.model.t5 import T5
@@ -202,7 +201,7 @@ def refused(model, tmp_path, message):
     return str(err.value)
 
 
-@pytest.mark.parametrize("field, hf_kind", sorted(HF_COMPONENTS.items()))
+@pytest.mark.parametrize("field, hf_kind", sorted(components.HF_T5.items()))
 def test_export_refuses_a_component_hf_t5_lacks(tmp_path, monkeypatch, field, hf_kind):
     name = "squared_relu" if field == "feed_forward" else "other"
     if name == "other":  # no other component of this kind exists yet: T5's own class under another name

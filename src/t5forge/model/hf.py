@@ -50,8 +50,6 @@ HF_REDUNDANT = (
     # HF builds it in every decoder's block 0 cross-attention but never uses it (and ignores it on load)
     "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",
 )
-# The component each T5Config naming field must hold for HF's T5 to express the model.
-HF_COMPONENTS = HF_T5  # the component of each kind HF's T5 is made of (model/components.py)
 # t5forge-only fields that say how to compute, not what: any value exports.
 RUNTIME_ONLY = ("attention_backend",)
 _KEEP = "keep the t5forge checkpoint (load it with t5forge.load_model) instead of exporting"
@@ -59,7 +57,7 @@ _KEEP = "keep the t5forge checkpoint (load it with t5forge.load_model) instead o
 
 def check_exportable(config: T5Config) -> None:
     """A one-line T5ForgeError naming the first part of `config` that HF's T5 cannot represent."""
-    for field, hf_kind in HF_COMPONENTS.items():
+    for field, hf_kind in HF_T5.items():
         value = getattr(config, field)
         if value != hf_kind:
             raise T5ForgeError(
@@ -69,7 +67,7 @@ def check_exportable(config: T5Config) -> None:
     defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
                 for f in dataclasses.fields(config)}
     for field in type(config).t5forge_only_fields():
-        if field in HF_COMPONENTS or field in RUNTIME_ONLY:
+        if field in HF_T5 or field in RUNTIME_ONLY:
             continue
         # A later t5forge-only field: its default is T5's behaviour, anything else is not HF's T5.
         value = getattr(config, field)
