@@ -121,23 +121,16 @@ def stack_biases(stack, x, mask, enc, enc_mask, offset, segments, enc_segments, 
     if self_spans is not None:  # a bias as large as the longest example only, each span reading its corner
         n = max((q1 - q0 for _, q0, q1, _, _ in self_spans), default=1)
         keep = keep_mask(n, n, x.device, causal=stack.is_decoder and n > 1)
-        self_bias = AttentionBias("sdpa", dense=_contiguous(additive_bias(stack.position(n, n), keep, dtype)),
-                                  spans=self_spans)
+        self_bias = AttentionBias("sdpa", dense=additive_bias(stack.position(n, n), keep, dtype), spans=self_spans)
     else:
-        self_bias = AttentionBias("sdpa", dense=_contiguous(dense_self))
+        self_bias = AttentionBias("sdpa", dense=dense_self)
     cross_bias = None
     if stack.is_decoder:
         if cross_spans is not None:
             cross_bias = AttentionBias("sdpa", spans=cross_spans)
         else:
-            cross_bias = AttentionBias("sdpa", dense=_contiguous(dense_cross))
+            cross_bias = AttentionBias("sdpa", dense=dense_cross)
     return self_bias, cross_bias
-
-
-def _contiguous(bias):
-    # Once here: every layer reads this bias, and a strided one (the position bias is a permuted
-    # table lookup) is several times slower to add.
-    return None if bias is None else bias.contiguous()
 
 
 class _BiasedAttention(torch.autograd.Function):
