@@ -12,8 +12,8 @@ import torch
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the matmuls run in: the autocast dtype when autocast is on, else the tensor's."""
-    # (Meta tensors, on which model/flops.py counts FLOPs, have no autocast.)
-    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
+    # A device type without autocast (meta, on which model/flops.py counts FLOPs) runs in x's dtype.
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
