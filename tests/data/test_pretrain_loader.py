@@ -64,23 +64,28 @@ def test_same_seed_same_batches_other_seed_other_masks(t5_tokenizer, c4_train_fi
     assert not torch.equal(a[0]["input_ids"], c[0]["input_ids"])
 
 
-def test_resume_with_other_worker_count_is_refused(t5_tokenizer, c4_train_file):
-    loader = build_pretrain_loader(tokenizer=t5_tokenizer, files=[c4_train_file], batch_size=4, num_workers=0)
+def test_resume_with_other_lengths_seed_or_buffer_is_refused_naming_the_keys(t5_tokenizer, c4_train_file):
+    """Another worker count or world size is re-dealt (tests/data/test_redeal.py); what a position
+    counts in (chunks of data.input_length, cut and shuffled by the seed and buffer) must stay."""
+    make = lambda **kw: build_pretrain_loader(tokenizer=t5_tokenizer, files=[c4_train_file], batch_size=4, **kw)  # noqa: E731
+    loader = make(input_length=64)
     _take(loader, 1)
-    other = build_pretrain_loader(tokenizer=t5_tokenizer, files=[c4_train_file], batch_size=4, num_workers=2)
-    with pytest.raises(T5ForgeError, match="same data.num_workers"):
-        other.load_state_dict(loader.state_dict())
+    with pytest.raises(T5ForgeError, match=r"text tokens per example \(from data.input_length\) 70 -> 568 since"):
+        make().load_state_dict(loader.state_dict())
+    with pytest.raises(T5ForgeError, match=r"seed 0 -> 3, data.shuffle_buffer 0 -> 10 since the checkpoint"):
+        make(input_length=64, seed=3, shuffle_buffer=10).load_state_dict(loader.state_dict())
 
 
 def _documents_read(source, reader, num_readers):
     corruption = SpanCorruption(vocab_size=32100, num_sentinels=100)
     stream = ReaderStream(source, None, corruption, 1, 0, reader, num_readers, train=True)
     texts = []
-    for text, (epoch, _, _) in stream._documents(0, 0, 0):
-        if epoch > 0:  # one epoch
+    for text, _, _, name in stream._documents((), (0, 0, 0, 0, 0)):
+        if text is None:
+            continue
+        if name[0] > 0:  # one epoch
             break
-        if text is not None:
-            texts.append(text)
+        texts.append(text)
     return texts
 
 
@@ -202,7 +207,7 @@ def test_shuffle_buffer_permutes_chunks_within_blocks_and_keeps_every_chunk(t5_t
     source = TextSource(files=[c4_train_file])
     corruption = SpanCorruption(vocab_size=t5_tokenizer.vocab_size, num_sentinels=100, input_length=64)
     chunks = lambda buffer: [  # noqa: E731
-        tuple(c) for c, _ in itertools.islice(ReaderStream(source, t5_tokenizer, corruption, 4, 0, 0, 1, True,
+        tuple(c) for c, _, _ in itertools.islice(ReaderStream(source, t5_tokenizer, corruption, 4, 0, 0, 1, True,
                                                            shuffle_buffer=buffer)._blocks(), 300)]
     plain, shuffled = chunks(0), chunks(100)
     for block in range(3):

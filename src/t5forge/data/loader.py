@@ -1,22 +1,15 @@
 """The resumable pre-training loader: text -> tokens -> 568-token chunks -> span-corrupted batches.
 
-Each reader (one per data-parallel rank x dataloader worker) walks its own slice of the source
-(see `sources.reader_slice`), tokenizes documents, appends EOS to each, cuts the token stream into
-raw chunks and corrupts whole batches at once (`span_corruption`).
+Each reader (one per data-parallel rank x dataloader worker) walks its own slice of the source;
+what a reader does, and its state, are data/reader_stream.py's. The loader's state is its readers'
+states plus the layout they belong to (world size, workers, batch size) and the files it refers to
+(path, size, mtime); a resume over changed files is refused unless allowed.
 
-Example order: training readers shuffle chunks in blocks of `shuffle_buffer` consecutive chunks,
-each block permuted by an RNG keyed by (seed, reader, block number); `shuffle_buffer=0` keeps the
-corpus order. nanoT5 streams examples through a 10,000-example reservoir instead, whose contents
-would have to be saved to resume exactly; a block needs only where it began. Within a block the
-order is uniformly random, and every chunk is handed out once per pass (a block that is longer
-than the reader's share of the corpus spans two epochs). Held-out readers never shuffle.
-
-A reader's position is a few integers, whatever the documents' sizes: where its current block
-begins (epoch, shard, record of the document, token offset inside it), how many chunks of the
-block it has handed out, its block and batch counts. A resume re-reads and re-tokenizes the block
-from its start and continues at the same chunk; the noise masks come from an RNG keyed by (seed,
-reader, batch number), so the position alone restores them. The state also records the files it
-refers to (path, size, mtime), and a resume over changed files is refused unless allowed.
+Resuming on the same layout continues every reader exactly (bit for bit). Resuming on another
+world size or `data.num_workers` re-deals the position over the new readers (data/redeal.py): the
+epoch goes on and every token of every document is still read exactly once per epoch; the
+batches themselves differ from those of a run that never changed. A changed micro-batch size
+alone keeps every reader's position (a reader's state counts chunks, not batches).
 
 With workers, every batch travels with its reader's position. torch's DataLoader takes batches
 round-robin from its workers, so after n batches the next one comes from reader n mod W; a resumed
@@ -30,151 +23,20 @@ Training readers loop over epochs forever (shard order reshuffled per epoch); he
 from __future__ import annotations
 
 import functools
-import itertools
+import logging
 import os
-from collections import deque
 
-import numpy as np
 import torch
 
 from t5forge.config import check_value
-from t5forge.data.sources import TextSource, fingerprint_difference, reader_slice
+from t5forge.data.reader_stream import ReaderStream, initial_state, plain
+from t5forge.data.sources import TextSource, fingerprint_difference
 from t5forge.data.span_corruption import SpanCorruption
 from t5forge.errors import T5ForgeError
 from t5forge.stop_signals import ignore_stop_signals
 
-DOCS_PER_ENCODE = 16  # documents tokenized per call: amortises the call, keeps the read-ahead small
-STATE_VERSION = 2
-
-
-class ReaderStream:
-    """One reader's batches, as numpy arrays, with a constant-size state that resumes at the next batch."""
-
-    def __init__(self, source, tokenizer, corruption, batch_size, seed, reader, num_readers, train,
-                 shuffle_buffer=0):
-        self.source, self.tokenizer, self.corruption = source, tokenizer, corruption
-        self.batch_size, self.seed, self.train = batch_size, seed, train
-        self.reader, self.num_readers = reader, num_readers
-        self.shuffle_buffer = shuffle_buffer if train else 0  # held-out data: a fixed evaluation set
-        self.slice = reader_slice(source.num_shards, reader, num_readers)
-        # (epoch, shard_pos, record, offset): where the current block's first chunk begins -- token
-        # `offset` of the document read next from that position; index: chunks of the block handed out
-        self.state = {"epoch": 0, "shard_pos": 0, "record": 0, "offset": 0, "block": 0, "index": 0, "batches": 0}
-
-    def shard_order(self, epoch: int) -> list[int]:
-        shards = list(self.slice.shards)
-        if self.train:
-            # same permutation for every reader, as the slices are disjoint anyway
-            np.random.default_rng([self.seed, epoch]).shuffle(shards)
-        return shards
-
-    def _documents(self, epoch, shard_pos, record):
-        """(text, position after it) for each of my documents from a position on; a text of None
-        marks a shard boundary, which is a position too."""
-        while True:
-            full_pass, seen_text = (shard_pos, record) == (0, 0), False
-            order = self.shard_order(epoch)
-            while shard_pos < len(order):
-                index = record
-                for text in self.source.texts(order[shard_pos], start=record):
-                    index += 1
-                    if self.slice.keeps(index - 1) and text.strip():
-                        seen_text = True
-                        yield text, (epoch, shard_pos, index)
-                shard_pos, record = shard_pos + 1, 0
-                yield None, (epoch, shard_pos, 0)
-            if not self.train:
-                return
-            if full_pass and not seen_text:
-                raise T5ForgeError(
-                    f"reader {self.reader} of {self.num_readers} found no text in a whole pass over "
-                    f"{self.source!r}: the corpus is empty, or has fewer documents than world_size x num_workers"
-                )
-            epoch, shard_pos, record = epoch + 1, 0, 0
-
-    def _chunks(self, epoch, shard_pos, record, offset):
-        """(raw chunk, position where the following chunk begins), from a position on.
-
-        Token arrays are kept per document (a deque of (position, tokens, first unused)), so cutting a
-        chunk costs the chunk, never the read-ahead: a huge document is tokenized once and sliced."""
-        raw_length = self.corruption.raw_length
-        documents = self._documents(epoch, shard_pos, record)
-        at = (epoch, shard_pos, record)  # position before the next document read
-        queue, queued, skip = deque(), 0, offset
-        exhausted = False
-        while True:
-            while queued < raw_length and not exhausted:
-                texts, starts = [], []
-                for text, after in documents:
-                    if text is not None:
-                        texts.append(text)
-                        starts.append(at)
-                    at = after
-                    if len(texts) >= DOCS_PER_ENCODE:
-                        break
-                else:
-                    exhausted = True
-                for start, ids in zip(starts, self.tokenizer.encode_batch(texts, add_eos=True) if texts else ()):
-                    tokens = np.asarray(ids, dtype=np.int64)
-                    first, skip = min(skip, len(tokens)), 0
-                    queue.append([start, tokens, first])
-                    queued += len(tokens) - first
-            if queued < raw_length:
-                return  # held-out data ends; an incomplete last chunk is dropped (fixed shapes)
-            parts, need = [], raw_length
-            while need:
-                entry = queue[0]
-                _, tokens, first = entry
-                take = min(need, len(tokens) - first)
-                parts.append(tokens[first : first + take])
-                entry[2] += take
-                need -= take
-                if entry[2] == len(tokens):
-                    queue.popleft()
-            queued -= raw_length
-            following = (*queue[0][0], queue[0][2]) if queue else (*at, 0)
-            yield np.concatenate(parts) if len(parts) > 1 else parts[0], following
-
-    def _blocks(self):
-        """(chunk, state after handing it out). Training readers permute blocks of `shuffle_buffer`
-        consecutive chunks with an RNG keyed by (seed, reader, block); the state records where the
-        block began, so a resume re-reads that block and continues at the same index."""
-        st = dict(self.state)
-        position = (st["epoch"], st["shard_pos"], st["record"], st["offset"])
-        block, index = st["block"], st["index"]
-        size = max(self.shuffle_buffer, 1)
-        chunks = self._chunks(*position)
-        while True:
-            taken = list(itertools.islice(chunks, size))
-            if not taken:
-                return
-            following = taken[-1][1]
-            order = np.arange(len(taken))
-            if size > 1:
-                np.random.default_rng([self.seed, self.reader, block, 2]).shuffle(order)
-            for i in range(index, len(taken)):
-                if size > 1:
-                    done = (block, i + 1) if i + 1 < len(taken) else (block + 1, 0)
-                    at = position if i + 1 < len(taken) else following
-                else:
-                    done, at = (block + 1, 0), taken[i][1]
-                yield taken[order[i]][0], (at, *done)
-            position, block, index = following, block + 1, 0
-
-    def __iter__(self):
-        st = self.state
-        batch = []
-        for chunk, (position, block, index) in self._blocks():
-            batch.append(chunk)
-            if len(batch) == self.batch_size:
-                # held-out readers get their own masks, not copies of the training readers' first ones
-                rng = np.random.default_rng([self.seed, self.reader, st["batches"], int(self.train)])
-                inputs, targets = self.corruption(np.stack(batch), rng)
-                batch = []
-                epoch, shard_pos, record, offset = position
-                st.update(epoch=epoch, shard_pos=shard_pos, record=record, offset=offset, block=block,
-                          index=index, batches=st["batches"] + 1)
-                yield inputs, targets
+STATE_VERSION = 3  # 3: drains, pending pieces and block ends (data/redeal.py); 2 still resumes on its own layout
+REDEAL_VERSIONS = (3,)
 
 
 class _WorkerDataset(torch.utils.data.IterableDataset):
@@ -194,9 +56,8 @@ class _WorkerDataset(torch.utils.data.IterableDataset):
         stream = self.streams[local]
         stream.tokenizer.num_threads = 1  # one core per worker
         try:
-            for inputs, targets in stream:
-                batch = {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(targets)}
-                yield local, batch, _copy_state(stream.state)
+            for item in stream:
+                yield local, _batch(*item), plain(stream.state)
         except T5ForgeError as err:
             # handed to the main process as a value: a worker's exception would arrive wrapped in a traceback
             yield local, None, str(err)
@@ -232,8 +93,11 @@ def die_with_parent(parent_pid: int, worker_id: int = 0) -> None:
         os._exit(1)
 
 
-def _copy_state(state: dict) -> dict:
-    return {k: int(v) for k, v in state.items()}
+def _batch(inputs, targets, spans=None) -> dict:
+    batch = {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(targets)}
+    if spans is not None:
+        batch["spans"] = spans
+    return batch
 
 
 class PretrainLoader:
@@ -256,6 +120,9 @@ class PretrainLoader:
         self._local_readers = max(num_workers, 1)
         self._consumed = 0  # batches handed out by this loader (training position)
         self._states = {}  # local reader -> state after its last batch handed out
+        # Audit: each batch also carries "spans", per row the (epoch, shard, record, first token,
+        # end token) pieces of documents it holds (reader_stream.ReaderStream); not for training.
+        self.record_spans = False
 
     def _streams(self, states: dict) -> dict:
         readers = self._local_readers
@@ -264,10 +131,10 @@ class PretrainLoader:
             stream = ReaderStream(
                 self.source, self.tokenizer, self.corruption, self.batch_size, self.seed,
                 reader=self.rank * readers + local, num_readers=self.world_size * readers, train=self.train,
-                shuffle_buffer=self.shuffle_buffer,
+                shuffle_buffer=self.shuffle_buffer, spans=self.record_spans,
             )
             if local in states:
-                stream.state = _copy_state(states[local])
+                stream.state = {**initial_state(), **plain(states[local])}  # version 2: no drains, pieces
             streams[local] = stream
         return streams
 
@@ -281,12 +148,12 @@ class PretrainLoader:
         streams = self._streams(states)
         produced = 0
         if self.num_workers == 0:
-            for inputs, targets in streams[0]:
+            for item in streams[0]:
                 produced += 1
                 if record:
-                    self._states[0] = _copy_state(streams[0].state)
+                    self._states[0] = plain(streams[0].state)
                     self._consumed += 1
-                yield {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(targets)}
+                yield _batch(*item)
         else:
             dataset = _WorkerDataset(streams, self.num_workers, rotation=consumed % self.num_workers)
             # Its own generator: a DataLoader otherwise draws its workers' base seed from the global
@@ -315,25 +182,82 @@ class PretrainLoader:
                 "text or a smaller batch"
             )
 
+    # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
         return {
             "version": STATE_VERSION,
             "consumed": self._consumed,
-            "readers": {int(k): _copy_state(v) for k, v in self._states.items()},
+            "readers": {int(k): plain(v) for k, v in self._states.items()},
             "layout": self._layout(),
             "source": self.source.fingerprint(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
+        """This rank's state of a checkpoint; a single process's state also resumes on another layout."""
+        layout = self._check(state)
+        if (layout["world_size"], layout["num_workers"]) != (self.world_size, self.num_workers):
+            if layout["world_size"] != 1:
+                raise T5ForgeError(
+                    f"the data position was saved by {layout['world_size']} ranks: re-dealing it needs every "
+                    "rank's state (PretrainLoader.load_rank_states, as a resumed run does)"
+                )
+            self.load_rank_states([state])
+            return
+        self._note_batch_change(layout)
+        self._consumed = int(state["consumed"])
+        self._states = {int(k): plain(v) for k, v in state["readers"].items()}
+
+    def load_rank_states(self, states: list[dict]) -> None:
+        """Every rank's state of a checkpoint (rank r's at index r): this rank's position, exactly when
+        the world size and data.num_workers are unchanged, re-dealt (data/redeal.py) when not."""
+        from t5forge.data.redeal import redeal
+
+        layouts = [self._check(state) for state in states]
+        old = layouts[0]
+        if (len(states), old["num_workers"]) == (self.world_size, self.num_workers):
+            self.load_state_dict(states[self.rank])
+            return
+        if any(state["version"] not in REDEAL_VERSIONS for state in states):
+            raise T5ForgeError(
+                f"the checkpoint's data position (format version {states[0]['version']}) was written by an older "
+                f"t5forge and can only resume on its own layout: {len(states)} rank(s) with "
+                f"data.num_workers={old['num_workers']}"
+            )
+        readers_per_rank = max(old["num_workers"], 1)
+        saved = [plain(state["readers"].get(local, initial_state())) for state in states
+                 for local in range(readers_per_rank)]
+        new = redeal(saved, self.world_size * self._local_readers, self.source.num_shards, self.seed)
+        mine = new[self.rank * self._local_readers:(self.rank + 1) * self._local_readers]
+        self._states = dict(enumerate(mine))
+        self._consumed = 0  # the re-dealt readers all start at a batch boundary: no worker rotation to keep
+        if self.rank == 0:
+            logging.getLogger(__name__).info(
+                "resuming a %d-rank run (data.num_workers=%d) on %d rank(s) (data.num_workers=%d): data position "
+                "re-dealt from %d to %d readers (%d unfinished shuffle blocks, %d pieces of the source left before "
+                "epoch %d); every document is still read once per epoch, in another order than without the change",
+                len(states), old["num_workers"], self.world_size, self.num_workers, len(saved), len(new),
+                sum(len(s["drains"]) for s in new), sum(len(s["pending"]) for s in new), new[0]["epoch"])
+
+    def _check(self, state: dict) -> dict:
+        """The saved layout, once what no layout change can carry over is checked."""
+        if not isinstance(state, dict) or "layout" not in state:
+            raise T5ForgeError("the checkpoint's data.pt holds no pre-training loader state (was it written by "
+                               "`t5forge finetune`?); start a new run, or pre-train from it with "
+                               "model.checkpoint_path=CHECKPOINT")
+        if state.get("version") not in (2, STATE_VERSION):
             raise T5ForgeError(
                 f"the checkpoint's data position has format version {state.get('version')} and this t5forge reads "
-                f"version {STATE_VERSION}; resume it with the t5forge that wrote it, or start a new run"
+                f"versions 2 and {STATE_VERSION}; resume it with the t5forge that wrote it, or start a new run"
             )
-        if state["layout"] != self._layout():
+        layout, now = state["layout"], self._layout()
+        keys = {"raw_length": "text tokens per example (from data.input_length)", "seed": "seed",
+                "shuffle_buffer": "data.shuffle_buffer"}
+        changed = [f"{key} {layout[name]} -> {now[name]}" for name, key in keys.items() if layout[name] != now[name]]
+        if changed:
             raise T5ForgeError(
-                f"cannot resume the data position: it was saved with {state['layout']} and this run has "
-                f"{self._layout()}; resume with the same data.num_workers, data.shuffle_buffer, world size, batch size and input length"
+                f"cannot resume the data position: {', '.join(changed)} since the checkpoint; a position counts "
+                "chunks of that many tokens, cut and shuffled by that seed and buffer: resume with the "
+                "checkpoint's data.input_length, seed and data.shuffle_buffer (its config.yaml)"
             )
         changed = fingerprint_difference(state["source"], self.source.fingerprint()) if "source" in state else ""
         if changed and not self.allow_changed_files:
@@ -343,12 +267,15 @@ class PretrainLoader:
                 "data.allow_changed_files=true"
             )
         if changed:
-            import logging
-
             logging.getLogger(__name__).warning("training data changed since the checkpoint (%s); continuing "
                                                 "from the saved position (data.allow_changed_files=true)", changed)
-        self._consumed = int(state["consumed"])
-        self._states = {int(k): _copy_state(v) for k, v in state["readers"].items()}
+        return layout
+
+    def _note_batch_change(self, layout: dict) -> None:
+        if layout["batch_size"] != self.batch_size and self.rank == 0:
+            logging.getLogger(__name__).info(
+                "data position: micro-batches of %d sequences per rank, %d before the checkpoint; every reader "
+                "goes on from the same chunk", self.batch_size, layout["batch_size"])
 
     def _layout(self) -> dict:
         return {
