@@ -119,7 +119,47 @@ def test_changed_data_is_refused_on_resume(sni_train, t5_tokenizer):
     loader = make(sni_train, t5_tokenizer)
     take(loader, 3)
     shorter = make(sni_train[:-1], t5_tokenizer)
-    with pytest.raises(T5ForgeError, match="num_examples 20 -> 19"):
+    with pytest.raises(T5ForgeError, match="examples 20 -> 19"):
         shorter.load_state_dict(loader.state_dict())
     with pytest.raises(T5ForgeError, match="no fine-tuning loader state"):
         shorter.load_state_dict({"version": 1, "consumed": 3, "readers": {}})
+
+
+def _step_sources(loaders, grad_acc, steps, tok):
+    """The source ids of each optimizer step's examples, all ranks and micro-steps together."""
+    iterators = [iter(loader) for loader in loaders]
+    out = []
+    for _ in range(steps):
+        rows = set()
+        for _ in range(grad_acc):
+            for it in iterators:
+                batch = next(it)
+                rows |= {tuple(r[m.bool()].tolist()) for r, m in zip(batch["input_ids"], batch["attention_mask"])}
+        out.append(rows)
+    return out
+
+
+@pytest.mark.parametrize("before, after", [((2, 1), (1, 2)), ((1, 4), (2, 1)), ((2, 2), (4, 1))])
+def test_resume_on_another_world_size_or_grad_acc_takes_the_same_examples_per_step(sni_train, t5_tokenizer,
+                                                                                    before, after):
+    """(world size, grad_acc) before and after a checkpoint at step 3 of a 5-step epoch: every later
+    step trains on the examples it would have without the change, now dealt to other slots."""
+    def loaders(world_size, grad_acc):
+        return [make(sni_train, t5_tokenizer, grad_acc=grad_acc, rank=r, world_size=world_size)
+                for r in range(world_size)]
+
+    straight = _step_sources(loaders(*before), before[1], 8, t5_tokenizer)
+    first = loaders(*before)
+    assert _step_sources(first, before[1], 3, t5_tokenizer) == straight[:3]
+    states = [loader.state_dict() for loader in first]
+    second = loaders(*after)
+    for loader in second:
+        loader.load_rank_states(states)
+    assert _step_sources(second, after[1], 5, t5_tokenizer) == straight[3:]
+
+
+def test_resume_with_another_global_batch_is_refused(sni_train, t5_tokenizer):
+    loader = make(sni_train, t5_tokenizer)
+    take(loader, 3)
+    with pytest.raises(T5ForgeError, match=r"optim.batch_size 4 -> 8"):
+        make(sni_train, t5_tokenizer, batch_size=8).load_rank_states([loader.state_dict()])

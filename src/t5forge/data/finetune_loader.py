@@ -16,6 +16,11 @@ Training references: with several references, one is drawn per example (Tk-Instr
 `random.choice`) from an RNG keyed by (seed, epoch, step, slot), so a resumed loader draws the same.
 The state is just (epoch, position = micro-batches this rank has yielded in the epoch).
 
+A step's examples do not depend on the world size or gradient accumulation, only on the global
+batch size: a checkpoint (always at a step boundary) resumes on another number of ranks or another
+optim.grad_acc at the same step of the epoch, its examples dealt to the new slots. A changed
+optim.batch_size (or data set, or seed) would cut the epoch into other steps and is refused.
+
 Packed (`pack=True`): each micro-batch holds the same examples, in fewer rows with segment ids
 (data/packing.py); batching, resume state and step accounting do not change.
 
@@ -155,12 +160,38 @@ class FinetuneLoader:
             )
         if state.get("version", STATE_VERSION) > STATE_VERSION:
             raise T5ForgeError(f"fine-tuning loader state version {state['version']} is newer than this t5forge")
-        now = {"num_examples": len(self.examples), "batch_size": self.batch_size, "grad_acc": self.grad_acc,
-               "world_size": self.world_size, "seed": self.seed}
-        changed = [f"{k} {state[k]} -> {v}" for k, v in now.items() if k in state and state[k] != v]
+        names = {"num_examples": "examples", "batch_size": "optim.batch_size", "seed": "seed"}
+        now = {"num_examples": len(self.examples), "batch_size": self.batch_size, "seed": self.seed}
+        changed = [f"{names[k]} {state[k]} -> {v}" for k, v in now.items() if k in state and state[k] != v]
         if changed:
             raise T5ForgeError(
                 f"the fine-tuning data or batching changed since the checkpoint ({', '.join(changed)}); "
                 "the data position cannot be carried over: resume with the run's own config.yaml settings"
             )
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        saved_acc = int(state.get("grad_acc", self.grad_acc))
+        step, micro = divmod(int(state["position"]), saved_acc)
+        if saved_acc == self.grad_acc and state.get("world_size", self.world_size) == self.world_size:
+            self.epoch, self.position = int(state["epoch"]), int(state["position"])  # the same slots: exactly
+            return
+        if micro:
+            raise T5ForgeError(
+                f"the fine-tuning data position is {micro} micro-batch(es) into a step of optim.grad_acc={saved_acc}: "
+                "it resumes only with the checkpoint's world size and optim.grad_acc"
+            )
+        self.epoch, self.position = int(state["epoch"]), step * self.grad_acc
+
+    def load_rank_states(self, states: list[dict]) -> None:
+        """Every rank's state of a checkpoint: at a step boundary, all at the same step of the epoch,
+        whatever the world size and optim.grad_acc; re-dealt when they changed (the same examples per step)."""
+        if len(states) == self.world_size:
+            self.load_state_dict(states[self.rank])
+            return
+        self.load_state_dict({**states[0], "world_size": len(states)})
+        saved = states[0]
+        if self.rank == 0:
+            import logging
+
+            logging.getLogger(__name__).info(
+                "resuming a %d-rank fine-tuning run on %d rank(s): data position re-dealt at step %d of epoch %d "
+                "(the same examples per step, in other micro-batches)", len(states), self.world_size,
+                int(saved["position"]) // int(saved.get("grad_acc", 1)), self.epoch)

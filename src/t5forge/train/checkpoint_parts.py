@@ -9,8 +9,10 @@ How a part is stored:
 - a part NAME without storage of its own goes to `NAME.pt` (torch.save of its `state_dict()`,
   rank 0's copy; loaded on the CPU, the part copies its state where it lives). Wrapped in
   `PerRank`, every rank's state is gathered to rank 0 and stored as
-  `{"world_size": W, "ranks": [state of rank 0, 1, ...]}`; each rank reads its own back, and a
-  run with another number of processes is refused (the data position and RNG streams are per rank).
+  `{"world_size": W, "ranks": [state of rank 0, 1, ...]}`; each rank reads its own back. A part
+  that can go on with another number of processes takes every rank's states instead
+  (`load_rank_states(states)`): the pre-training and fine-tuning loaders re-deal the data position,
+  RNGStreams reseeds; any other per-rank part refuses a run with another number of processes.
 - a part with `checkpoint_files` and `save_files(directory)` / `load_files(directory, map_location)`
   stores itself: the model (a t5forge model directory: model.safetensors, model_config.json,
   tokenizer files), the optimizer (optimizer.pt), the train state (train_state.json) and the run
@@ -81,6 +83,17 @@ class PerRank:
     def load_state_dict(self, state: Any) -> None:
         self.inner.load_state_dict(state)
 
+    def load_ranks(self, file: Path, payload: Any, rank: int, world_size: int) -> None:
+        """Restore from a saved `{"world_size", "ranks"}` payload: every rank's states to a part that
+        takes them (`load_rank_states`), else this rank's own, refused for another number of processes."""
+        take_all = getattr(self.inner, "load_rank_states", None)
+        if take_all is None:
+            self.inner.load_state_dict(rank_entry(file, payload, rank, world_size))
+            return
+        if not isinstance(payload, dict) or "ranks" not in payload:
+            raise T5ForgeError(f"{file} is not a t5forge checkpoint file")
+        take_all(payload["ranks"])
+
 
 class Value:
     """A plain value held as a part (what a caller saves as-is or wants read back as-is)."""
@@ -96,13 +109,31 @@ class Value:
 
 
 class RNGStreams:
-    """Python, NumPy, torch CPU and CUDA RNGs (train/rng.py); restored last by the run builder's order."""
+    """Python, NumPy, torch CPU and CUDA RNGs (train/rng.py); restored last by the run builder's order.
+
+    The streams of N ranks cannot be mapped onto M: with `reseed` (called with the saved number of
+    ranks), a checkpoint of another number of processes reseeds them instead (the run builder's
+    reseed: from the seed, the step and the rank); without it, such a checkpoint is refused."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, reseed=None):
+        self.rank, self.world_size, self.reseed = rank, world_size, reseed
 
     def state_dict(self) -> dict:
         return rng.capture()
 
     def load_state_dict(self, state: dict) -> None:
         rng.restore(state)
+
+    def load_rank_states(self, states: list) -> None:
+        if len(states) == self.world_size:
+            rng.restore(states[self.rank])
+        elif self.reseed is None:
+            raise T5ForgeError(
+                f"the checkpoint's RNG states are those of {len(states)} processes and this run has "
+                f"{self.world_size}: resume with {len(states)} processes (torchrun --nproc_per_node {len(states)})"
+            )
+        else:
+            self.reseed(len(states))
 
 
 class ModelPart:
@@ -282,9 +313,11 @@ def load_parts(path: str | Path, parts: Mapping[str, Stateful], *, map_location=
         per_rank = getattr(part, "per_rank", False)
         weights_only = getattr(part, "weights_only", False)
         payload = read(file, lambda: torch.load(file, map_location="cpu", weights_only=weights_only))
-        state = rank_entry(file, payload, rank, world_size) if per_rank else payload
         try:
-            part.load_state_dict(state)
+            if per_rank:
+                part.load_ranks(file, payload, rank, world_size)
+            else:
+                part.load_state_dict(payload)
         except T5ForgeError:
             raise
         except Exception as err:  # noqa: BLE001 (a part's own complaint, with the file named)

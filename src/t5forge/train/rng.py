@@ -21,6 +21,12 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds all CUDA devices
 
 
+def derived_seed(seed: int, step: int, rank: int) -> int:
+    """A seed for rank `rank` from step `step` on: what a run resumed on another number of ranks
+    reseeds with (the saved per-rank streams have no counterpart there)."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
 def capture() -> dict:
     """The current state of every RNG the training process uses."""
     bit_generator, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)

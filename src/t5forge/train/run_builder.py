@@ -26,7 +26,7 @@ from t5forge.config import RunConfig
 from t5forge.config_files import run_config_text
 from t5forge.train import rng
 from t5forge.train.checkpoint import Checkpointer
-from t5forge.train.checkpoint_parts import run_parts
+from t5forge.train.checkpoint_parts import RNGStreams, run_parts
 from t5forge.train.loop import LoopParts, train
 from t5forge.train.setup import (
     autocast_for, build_model, enable_fast_math, launch, load_run_tokenizer, log_device, model_summary, open_run_dir,
@@ -94,14 +94,25 @@ class Task:
 
 def checkpoint_parts(run: Run, task: Task, loader) -> dict[str, Any]:
     """Every named part a checkpoint of this run holds, in restore order (the RNGs last)."""
+    streams = RNGStreams(run.world.rank, run.world.world_size, reseed=lambda saved: reseed_streams(run, saved))
     parts = run_parts(model=run.model, tokenizer=run.tokenizer, optimizer=run.optimizer, train_state=run.state,
-                      data=loader, config_text=run_config_text(run.cfg))
+                      data=loader, config_text=run_config_text(run.cfg), rng_streams=streams)
     extra = task.extra_parts(run, loader)
     clash = sorted(set(extra) & set(parts))
     if clash:
         raise ValueError(f"extra checkpoint parts {clash} reuse the names of a run's own parts")
     streams = parts.pop("rng")
     return {**parts, **extra, "rng": streams}
+
+
+def reseed_streams(run: Run, saved_ranks: int) -> None:
+    """A checkpoint of another number of ranks: its per-rank RNG streams (dropout) have no
+    counterpart here, so every rank reseeds from (seed, step, rank); restored after the train state."""
+    step = run.state.step
+    rng.seed_all(rng.derived_seed(run.cfg.seed, step, run.world.rank))
+    if run.world.is_main:
+        log.info("RNG streams: the checkpoint holds those of %d rank(s) and this run has %d; reseeded from "
+                 "(seed %d, step %d, rank)", saved_ranks, run.world.world_size, run.cfg.seed, step)
 
 
 def run_task(cfg: RunConfig, task: Task) -> int:
