@@ -126,10 +126,14 @@ def test_cached_generation_equals_a_full_recompute(block):
     want = greedy_by_recompute(model, ids, mask, 8)
     assert want.shape[1] == 8
     assert torch.equal(model.generate(ids, mask, max_new_tokens=8), want)
-    full, steps, chunks = decode_steps(model, ids, mask, torch.randint(2, 96, (3, 6)))
+    dec = torch.randint(2, 96, (3, 6))
+    full, steps, chunks = decode_steps(model, ids, mask, dec)
     torch.testing.assert_close(steps, full, **TOL)
     torch.testing.assert_close(chunks, full, **TOL)
     assert model.generate(ids, mask, max_new_tokens=5, num_beams=3).shape[0] == 3  # beams reorder rotated keys
+    unturned = T5(tiny_config(position="none", block=block)).eval()  # the same weights, no rotation
+    unturned.load_state_dict(model.state_dict())
+    assert not torch.allclose(decode_steps(unturned, ids, mask, dec)[0], full, atol=1e-3)
 
 
 def test_the_attention_twin_applies_the_rotation_as_the_plain_attention():
