@@ -13,7 +13,9 @@ MODE is one of
   it. Each `expect` TEXT must appear in the block's output.
 - `print-config`: for commands that need a GPU, the Hub or hours. The bash block runs with every
   `t5forge` command given `--print-config`, so the whole config resolves (keys, types, presets);
-  each must print the resolved YAML config, and at least one must run.
+  each must print the resolved YAML config, and at least one must run. Cluster launches in such a
+  block (`torchrun ... -m t5forge`, `srun`, an sbatch script's `scontrol` and `SLURM_*`) go
+  through CLUSTER_SHIMS: they launch nothing and run the t5forge command they wrap.
 - `install` / `ci`: the commands (comments dropped) are not run here; together, in README order,
   they must be exactly the commands of `.ci/run`.
 - `layout`: a tree of the repository; see `test_layout_block_is_the_repository`.
@@ -40,6 +42,16 @@ CI_SCRIPT = REPO / ".ci" / "run"
 MODES = ("run", "print-config", "install", "ci", "layout")
 MARKER = re.compile(r"<!--\s*readme-test:(.*?)-->\s*\Z")
 BLOCK_TIMEOUT_S = 600
+# print-config blocks may show cluster launches: `torchrun ... -m t5forge ARGS` and `srun CMD` launch
+# nothing here but run the t5forge command (so its config is checked), `scontrol show hostnames`
+# names this machine, and the SLURM_* variables an sbatch script reads describe a 2-node job.
+CLUSTER_SHIMS = [
+    'torchrun() { while [ $# -gt 0 ] && [ "$1" != "-m" ]; do shift; done; '
+    '[ "${2:-}" = t5forge ] || { echo "torchrun: expected -m t5forge" >&2; return 2; }; shift 2; t5forge "$@"; }',
+    'srun() { "$@"; }',
+    'scontrol() { hostname; }',
+    'SLURM_NNODES=2 SLURM_JOB_ID=1 SLURM_JOB_NODELIST=localhost SLURM_GPUS_ON_NODE=8',
+]
 
 
 @dataclass
@@ -226,6 +238,7 @@ def run_block(block: Block, cwd: Path, env: dict, env_file: Path) -> str:
             calls.mkdir()
             prelude.append(f't5forge() {{ __n=$(( ${{__n:-0}} + 1 )); command t5forge "$@" --print-config '
                            f'> "{calls}/$__n.yaml"; }}')
+            prelude += CLUSTER_SHIMS
         script.write_text("\n".join(prelude) + "\n" + block.text + f'\nexport -p > "{env_file}"\n')
         argv = ["bash", str(script)]
     result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)

@@ -27,7 +27,11 @@ process holding the run directory's lock (run_lock.py) removes or renames anythi
 
 Distributed runs: every rank calls `save`; the per-rank RNG and data-loader states are gathered to
 rank 0, which alone writes, then all ranks meet at a barrier. The model is saved from rank 0's
-replica (DDP keeps replicas identical). FSDP would need the full state dicts gathered before the
+replica (DDP keeps replicas identical), so it is one copy whatever the world size. data.pt and
+rng.pt record the world size that wrote them (and the loader's state its data.num_workers and
+batch size): a run resumed on another number of processes hands every rank's states to the loader,
+which re-deals the data position (data/redeal.py), and reseeds the RNG streams
+(checkpoint_parts.RNGStreams). FSDP would need the full state dicts gathered before the
 write (`torch.distributed.checkpoint.state_dict.get_model_state_dict` /
 `get_optimizer_state_dict` with `full_state_dict=True`) in `_write`, and broadcast on load.
 """

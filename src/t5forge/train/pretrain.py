@@ -6,8 +6,10 @@
 The wiring is the shared run builder's (train/run_builder.py); this module holds what is
 pre-training's own: the span-corruption loaders, the held-out evaluation, the summary numbers.
 
-Launch several processes with `torchrun --nproc_per_node N -m t5forge pretrain ...`: each rank
-reads its own slice of the data; DDP keeps the replicas equal.
+Launch several processes with `torchrun --nproc_per_node N -m t5forge pretrain ...` (several
+machines: `--nnodes` and a rendezvous; README "Scale out"): each rank reads its own slice of the
+data; DDP keeps the replicas equal. A checkpoint resumes on another number of ranks or workers
+(data/redeal.py).
 """
 
 from __future__ import annotations
