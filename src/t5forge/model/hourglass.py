@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from t5forge.errors import T5ForgeError
 from t5forge.model.config import T5Config
-from t5forge.model.t5 import Stack
+from t5forge.model.t5 import Stack, layer_bias
 
 
 def shorten(x, mask, k: int):
@@ -82,14 +82,15 @@ class HourglassStack(Stack):
         n_short = len(self.blocks) - self.pre - self.post
         full_bias, _ = self.attention_biases(x, mask, None, None, 0, None, None)
         x = self.dropout(x)
-        for block in self.blocks[:self.pre]:
-            x = block(x, full_bias)
+        short = range(self.pre, self.pre + n_short)
+        for i in range(self.pre):
+            x = self.blocks[i](x, layer_bias(full_bias, i))
         s, short_mask = shorten(x, mask, k)
         short_bias, _ = self.attention_biases(s, short_mask, None, None, 0, None, None)
-        for block in self.blocks[self.pre:self.pre + n_short]:
-            s = block(s, short_bias)
+        for i in short:
+            s = self.blocks[i](s, layer_bias(short_bias, i))
         x = x + upsample(s, k, S)
-        for block in self.blocks[self.pre + n_short:]:
-            x = block(x, full_bias)
+        for i in range(short.stop, len(self.blocks)):
+            x = self.blocks[i](x, layer_bias(full_bias, i))
         return self.dropout(self.final_norm(x))  # (B, S, C)
 
