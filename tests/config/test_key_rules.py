@@ -98,6 +98,8 @@ CROSS_CASES = {
     "< optim.total_steps for cosine, linear": (["optim.warmup_steps=100", "optim.total_steps=100"], "optim.warmup_steps",
                                                "must be < optim.total_steps=100 for cosine"),
     "in [0, optim.base_lr]": (["optim.final_cosine=0.5"], "optim.final_cosine", "must be in [0, optim.base_lr=0.02]"),
+    "needs model.checkpoint_path": (["optim.resume_optimizer=true"], "optim.resume_optimizer",
+                                    "takes the optimizer state of the starting checkpoint"),
 }
 
 

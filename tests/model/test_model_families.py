@@ -180,3 +180,30 @@ def test_t5forge_model_dir_keeps_the_family(tmp_path):
     loaded, _ = load_model(tmp_path)
     assert loaded.config == model.config
     assert torch.equal(loaded.decoder.position.layers[1].weight, model.decoder.position.layers[1].weight)
+
+
+def test_every_umt5_table_learns_and_cached_generation_equals_a_full_recompute():
+    config = t5forge_config("umt5")
+    model = twin(hf_reference(config), config, "sdpa")
+    input_ids, attention_mask, labels = padded_batch(config.vocab_size)
+    hidden = model(input_ids, attention_mask, labels=labels).hidden
+    model.logits(hidden).logsumexp(-1).sum().backward()
+    for stack in (model.encoder, model.decoder):
+        assert all(t.weight.grad.abs().sum() > 0 for t in stack.position.layers)
+    out = model.generate(input_ids[:2], attention_mask[:2], max_new_tokens=5)
+    start = torch.full((2, 1), config.decoder_start_token_id)
+    with torch.no_grad():  # the cache's last step against the whole decoder input at once
+        full = model(input_ids[:2], attention_mask[:2], decoder_input_ids=torch.cat([start, out[:, :-1]], 1)).hidden
+    assert torch.equal(model.logits(full).argmax(-1)[:, :5][out != 0], out[out != 0])
+
+
+def test_pretrain_a_umt5_from_scratch_and_export_it(tmp_path, tiny_pretrain_args):
+    from t5forge.cli import main
+
+    run = tmp_path / "run"
+    assert main(tiny_pretrain_args(run, "model.position=t5_bias_per_layer", "model.model_type=umt5")) == 0
+    config = json.loads((run / "checkpoints" / "step-00000006" / "model_config.json").read_text())
+    assert (config["model_type"], config["position"]) == ("umt5", "t5_bias_per_layer")
+    assert main(["export", str(run), str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "hf"))
+    assert type(hf).__name__ == "UMT5ForConditionalGeneration"
