@@ -82,7 +82,7 @@ def check_exportable(config: T5Config) -> None:
     defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
                 for f in dataclasses.fields(config)}
     for field in type(config).t5forge_only_fields():
-        if field in HF_T5 or field in RUNTIME_ONLY or field == "model_type":
+        if field in HF_T5 or field in RUNTIME_ONLY:
             continue
         # A later t5forge-only field: its default is T5's behaviour, anything else is not HF's T5.
         value = getattr(config, field)
