@@ -2,7 +2,7 @@
 
     kind          T5Config field   default      HF's T5
     feed-forward  feed_forward     "dense"      yes
-    position      position         "t5_bias"    yes (t5_bias_per_layer: UMT5's; alibi, none: no)
+    position      position         "t5_bias"    yes (t5_bias_per_layer: UMT5's; alibi, rope, none: no)
     block         block            "pre_norm"   yes
     encoder       encoder          "stack"      yes (hourglass: no)
 
@@ -29,6 +29,7 @@ POSITIONS = {
     "t5_bias": "t5forge.model.t5:T5RelativeBias",
     "t5_bias_per_layer": "t5forge.model.per_layer_bias:PerLayerRelativeBias",
     "alibi": "t5forge.model.positions:ALiBi",
+    "rope": "t5forge.model.positions:RoPE",
     "none": "t5forge.model.positions:NoPosition",
 }
 BLOCKS = {
