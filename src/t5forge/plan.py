@@ -190,9 +190,10 @@ def fresh_vocab_size(cfg: RunConfig, tokenizer_ids: Optional[int]) -> tuple[Opti
 
 
 def make_plan(cfg: RunConfig, world_size: int = 1, train_examples: Optional[int] = None,
-              tokenizer_ids: Optional[int] = None) -> Plan:
+              tokenizer_ids: Optional[int] = None, num_sentinels: int = 100) -> Plan:
     """Derive the plan; `train_examples` (fine-tuning) turns optim.epochs into total_steps;
-    `tokenizer_ids` (the run's tokenizer.vocab_size) sizes a fresh model's vocabulary."""
+    `tokenizer_ids` (the run's tokenizer.vocab_size) sizes a fresh model's vocabulary;
+    `num_sentinels` (the tokenizer's) sets how long UL2's span denoisers' spans must be."""
     o = cfg.optim
     micro = split_batch(o.batch_size, o.grad_acc, world_size)
 
@@ -202,7 +203,7 @@ def make_plan(cfg: RunConfig, world_size: int = 1, train_examples: Optional[int]
 
         input_length, raw = cfg.data.input_length, None
         denoisers = parse_mixture(cfg.data.ul2_denoisers)
-        target_length = mixture_lengths(input_length, denoisers)[1]
+        target_length = mixture_lengths(input_length, denoisers, num_sentinels)[1]
         objective = f"UL2 mixture of {len(denoisers)} denoiser{'s' if len(denoisers) > 1 else ''}"
     elif cfg.mode == "pt":
         from t5forge.data.span_corruption import compute_input_and_target_lengths

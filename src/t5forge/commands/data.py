@@ -91,8 +91,8 @@ def run(args) -> int:
         raise T5ForgeError(f"-n must be at least 1 and --per-denoiser at least 0, got {args.num_examples}, "
                            f"{args.per_denoiser}")
     cfg = preview_config(args)
-    plan = make_plan(cfg)
     tok = load_run_tokenizer(cfg)
+    plan = make_plan(cfg, num_sentinels=tok.num_sentinels)
     # The run's own loader: rank 0 of a one-process run (a run on N ranks gives each rank its own slice).
     loader = build_loader(cfg, plan, tok, World(), args.split, on_decode_error=args.on_decode_error,
                           skip_option="--on-decode-error skip")

@@ -16,6 +16,13 @@ inputs, whose prefix varies, with pad (masked by `attention_mask`). Each denoise
 its own raw length, planned like T5's `random_spans_helper` for input_length - 1 tokens (R at 128
 inputs: 141 text tokens; X mu=64 r=0.5: 250; S: 127), so no text is cut away and dropped.
 
+Sentinels: a span denoiser whose spans outnumber the tokenizer's sentinels (X mu=3 r=0.5 makes 127
+spans at 512 inputs; T5's vocabulary has 100) gets the shortest mean span, in steps of 0.1, that
+fits (4.1 there): same noise density, longer spans, the paradigm token unchanged, and the start-up
+log and `data preview` say so. UL2's own code instead ran out of sentinels into ordinary token ids
+(T5's `noise_span_to_unique_sentinel` counts down from the top without a bound). Plain span
+corruption refuses instead (data/span_corruption.py): there mu is the experiment.
+
 The denoiser of the n-th chunk a reader cuts is drawn from an RNG keyed by (seed, reader, n // 1024),
 so a reader's position (which gives n) restores the denoiser sequence on resume.
 
@@ -32,7 +39,12 @@ from typing import Optional
 
 import numpy as np
 
-from t5forge.data.span_corruption import SpanCorruption, compute_input_and_target_lengths
+from t5forge.data.span_corruption import (
+    SpanCorruption,
+    compute_input_and_target_lengths,
+    noise_span_counts,
+    smallest_mean_span,
+)
 from t5forge.errors import T5ForgeError
 
 PARADIGM_TOKENS = {"R": "[NLU]", "X": "[NLG]", "S": "[S2S]"}
@@ -108,21 +120,38 @@ def prefix_bounds(raw_length: int, rate: float) -> tuple[int, int]:
     return fewest, most
 
 
-def denoiser_lengths(denoiser: Denoiser, input_length: int) -> tuple[int, int]:
+def fitted_mean_span(denoiser: Denoiser, input_length: int, num_sentinels: int) -> Optional[float]:
+    """The mean span a span denoiser runs with: its own, or the shortest that needs no more than
+    `num_sentinels` sentinels (see the module docstring); None for S."""
+    if denoiser.kind == "S":
+        return None
+    raw, _ = compute_input_and_target_lengths(input_length - 1, denoiser.rate, denoiser.mean_span)
+    if noise_span_counts(raw, denoiser.rate, denoiser.mean_span)[1] <= num_sentinels:
+        return denoiser.mean_span
+    fitted = smallest_mean_span(input_length - 1, denoiser.rate, num_sentinels, denoiser.mean_span)
+    if fitted is None:
+        raise T5ForgeError(f"UL2 denoiser {denoiser.name} (data.ul2_denoisers) cannot fit {input_length} input tokens "
+                           f"into {num_sentinels} sentinels at any mean span; use a tokenizer with more sentinels")
+    return fitted
+
+
+def denoiser_lengths(denoiser: Denoiser, input_length: int, num_sentinels: int) -> tuple[int, int]:
     """(raw text tokens, longest target incl. EOS) of one denoiser at `input_length` encoder tokens
     (one of them the paradigm token)."""
     if denoiser.kind == "S":
         raw = input_length - 1  # paradigm token + prefix (at most raw - 1) + EOS
         fewest, _ = prefix_bounds(raw, denoiser.rate)
         return raw, raw - fewest + 1
-    return compute_input_and_target_lengths(input_length - 1, denoiser.rate, denoiser.mean_span)
+    span = fitted_mean_span(denoiser, input_length, num_sentinels)
+    return compute_input_and_target_lengths(input_length - 1, denoiser.rate, span)
 
 
-def mixture_lengths(input_length: int, denoisers) -> tuple[tuple[int, ...], int]:
-    """(each denoiser's raw length, the batch's target length: the longest target of any)."""
+def mixture_lengths(input_length: int, denoisers, num_sentinels: int = 100) -> tuple[tuple[int, ...], int]:
+    """(each denoiser's raw length, the batch's target length: the longest target of any), with a
+    tokenizer of `num_sentinels` sentinels (T5's 100 by default)."""
     if input_length < 8:
         raise T5ForgeError(f"data.input_length must be at least 8 for UL2, got {input_length}")
-    lengths = [denoiser_lengths(d, input_length) for d in denoisers]
+    lengths = [denoiser_lengths(d, input_length, num_sentinels) for d in denoisers]
     return tuple(raw for raw, _ in lengths), max(target for _, target in lengths)
 
 
@@ -144,16 +173,17 @@ class UL2Mixture:
     _shares: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self):
-        raws, target = mixture_lengths(self.input_length, self.denoisers)
+        raws, target = mixture_lengths(self.input_length, self.denoisers, self.num_sentinels)
         spans = []
         for d in self.denoisers:
             if d.kind == "S":
                 spans.append(None)
                 continue
             try:
-                spans.append(SpanCorruption(vocab_size=self.sentinel_end, num_sentinels=self.num_sentinels,
-                                            eos_id=self.eos_id, input_length=self.input_length - 1,
-                                            noise_density=d.rate, mean_noise_span_length=d.mean_span))
+                spans.append(SpanCorruption(
+                    vocab_size=self.sentinel_end, num_sentinels=self.num_sentinels, eos_id=self.eos_id,
+                    input_length=self.input_length - 1, noise_density=d.rate,
+                    mean_noise_span_length=fitted_mean_span(d, self.input_length, self.num_sentinels)))
             except T5ForgeError as err:
                 raise T5ForgeError(f"UL2 denoiser {d.name} (data.ul2_denoisers): {err}") from None
         weights = np.array([d.weight for d in self.denoisers], dtype=np.float64)
@@ -170,9 +200,13 @@ class UL2Mixture:
         """One line per denoiser: name, paradigm token, share, raw length, longest target."""
         lines = []
         for d, share, raw, sc in zip(self.denoisers, self._shares, self.raw_lengths, self._spans):
-            what = (f"prefix LM of {raw} text tokens, target up to {denoiser_lengths(d, self.input_length)[1]}"
-                    if sc is None else
-                    f"{raw} text tokens -> {sc.num_noise_spans} spans, target {sc.target_length}")
+            if sc is None:
+                what = f"prefix LM of {raw} text tokens, target up to {raw - prefix_bounds(raw, d.rate)[0] + 1}"
+            else:
+                what = f"{raw} text tokens -> {sc.num_noise_spans} spans, target {sc.target_length}"
+                if sc.mean_noise_span_length != d.mean_span:
+                    what += (f" (mean span {sc.mean_noise_span_length:g}, not {d.mean_span:g}: the shortest "
+                             f"that fits {self.num_sentinels} sentinels)")
             lines.append(f"{d.name} {d.paradigm_token} {share:.1%}: {what}")
         return lines
 

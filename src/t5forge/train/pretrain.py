@@ -109,9 +109,13 @@ class PretrainTask(Task):
         from t5forge.plan import make_plan
 
         cfg, world = run.cfg, run.world
-        run.plan = make_plan(cfg, world_size=world.world_size, tokenizer_ids=run.tokenizer.vocab_size)
+        run.plan = make_plan(cfg, world_size=world.world_size, tokenizer_ids=run.tokenizer.vocab_size,
+                             num_sentinels=run.tokenizer.num_sentinels)
         # Data before the model: a wrong path fails in seconds, not after initialising 248M parameters.
         self.loader = build_loader(cfg, run.plan, run.tokenizer, world, "train")
+        if cfg.data.objective == "ul2" and world.is_main:
+            for line in self.loader.corruption.describe():
+                log.info("UL2 denoiser %s", line)
         self.eval_loader = build_loader(cfg, run.plan, run.tokenizer, world, "validation") if cfg.eval.steps > 0 else None
         if self.eval_loader is not None:
             check_held_out(self.eval_loader, cfg)
