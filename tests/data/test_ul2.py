@@ -233,3 +233,23 @@ def test_long_inputs_name_the_smallest_mean_span_and_the_sentinels_needed(ul2_to
     long = build_mixture(ul2_tokenizer, 4096, DEFAULT_DENOISERS)
     assert [sc.mean_noise_span_length for sc in long._spans if sc] == [7.1, 8, 39.8, 39.8, 64, 64]
     assert mixture_lengths(4096, long.denoisers, 100) == (long.raw_lengths, long.target_length)
+
+
+def test_preview_shows_and_labels_every_denoiser(c4_train_file, spiece_path, capsys):
+    from t5forge.cli import main
+
+    items = ["data", "preview", "task=pt_tiny", "data.objective=ul2", f"data.train_files=[{c4_train_file}]",
+             f"data.tokenizer={spiece_path}"]
+    assert main([*items, "--per-denoiser", "1"]) == 0
+    out = capsys.readouterr().out
+    labels = [line.split("[", 1)[1].split("]]")[0] + "]" for line in out.splitlines() if line.startswith("=== batch")]
+    assert sorted(labels) == sorted(f"{d.name} {d.paradigm_token}" for d in parse_mixture(DEFAULT_DENOISERS))
+    assert "UL2 mixture of 7 denoisers: input 64 tokens" in out and "S(r=0.25) [S2S] 20.0%" in out
+    for block in out.split("=== batch")[1:]:  # each example's input decodes with its paradigm token first
+        token, text = block.split("]]")[0].rsplit("[", 1)[1], block.split("--- input:\n")[1]
+        assert text.startswith(f"[{token}]"), block
+    assert main([*items, "-n", "2"]) == 0
+    assert capsys.readouterr().out.count("=== batch 0 example") == 2
+    assert main(["data", "preview", "task=pt_tiny", "--per-denoiser", "1", f"data.train_files=[{c4_train_file}]",
+                 f"data.tokenizer={spiece_path}"]) == 2
+    assert "--per-denoiser needs data.objective=ul2" in capsys.readouterr().err
