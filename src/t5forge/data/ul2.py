@@ -29,7 +29,8 @@ so a reader's position (which gives n) restores the denoiser sequence on resume.
 A denoiser is written `KIND:MU:R:WEIGHT` (R and X) or `S:R:WEIGHT` (S), e.g. "R:3:0.15:2"; weights
 are normalised to proportions. DEFAULT_DENOISERS is the paper's final mixture of seven: R (3, 0.15),
 (8, 0.15); X (3, 0.5), (8, 0.5), (64, 0.15), (64, 0.5); S (0.25); the S-denoiser takes 20% of the
-examples and the six span denoisers share the rest equally.
+examples (the share reported for UL2; the paper's appendix code samples its tasks uniformly unless
+given rates) and the six span denoisers share the rest equally.
 """
 
 from __future__ import annotations
