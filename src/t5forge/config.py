@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 from t5forge.constraints import Rule, above, at_least, check, file_list, matches, not_blank, one_of, within
+from t5forge.data.ul2 import DEFAULT_DENOISERS, mixture_problem
 from t5forge.durations import parse_time_budget
 from t5forge.errors import T5ForgeError
 from t5forge.model.components import HF_COMPONENTS, name_problem
@@ -28,6 +29,7 @@ OPTIMIZERS = ("adamwscale", "adamw", "adafactor")
 LR_SCHEDULERS = ("cosine", "legacy", "inverse_sqrt", "constant", "linear")
 PRECISIONS = ("bf16", "fp32")
 MODES = ("pt", "ft")
+OBJECTIVES = ("span_corruption", "ul2")
 ATTENTIONS = ("sdpa", "eager", "flex")
 ON_NONFINITE = ("rollback", "stop")
 DECAYING_SCHEDULES = ("cosine", "linear")  # their warmup must end before the run does
@@ -172,6 +174,15 @@ class DataConfig:
     tokenizer: str = _key("google/t5-v1_1-base", "spiece.model, tokenizer.json, a directory holding one, or a Hub id",
                           not_blank("name a tokenizer (spiece.model, tokenizer.json, a directory or a Hub id)"))
     input_length: int = _key(512, "encoder tokens per pre-training example (after span corruption)", at_least(8))
+    objective: str = _key("span_corruption", "pre-training objective: span_corruption (T5's, with data.mlm_probability "
+                          "and data.mean_noise_span_length) | ul2 (UL2's mixture of denoisers, Tay et al. 2022: "
+                          "data.ul2_denoisers; adds the paradigm tokens [NLU] [NLG] [S2S] to the vocabulary)",
+                          one_of(*OBJECTIVES))
+    ul2_denoisers: List[str] = _key(list(DEFAULT_DENOISERS), "data.objective=ul2: the denoisers, each KIND:MEAN_SPAN:"
+                                    "RATE:WEIGHT for R (regular) and X (extreme) span corruption, S:RATE:WEIGHT for "
+                                    "the S (prefix LM) denoiser; weights are normalised to proportions. Default: "
+                                    "the UL2 paper's seven, S at 20%",
+                                    check("a list of denoisers like [R:3:0.15:2,X:64:0.5:1,S:0.25:3]", mixture_problem))
     mlm_probability: float = _key(0.15, "span-corruption noise density", within("(0, 1)"))
     mean_noise_span_length: float = _key(3.0, "mean corrupted span length", at_least(1.0))
     num_workers: int = _key(8, "data loader worker processes per rank", at_least(0))

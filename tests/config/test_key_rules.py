@@ -25,6 +25,7 @@ SPECIAL_BAD = {
     "a duration (4h, 90m, 1h30m, 45s) or ''": "4 hours",
     "a registered name (model/components.py)": "nope",
     "1 or 2": 3,
+    "a list of denoisers like [R:3:0.15:2,X:64:0.5:1,S:0.25:3]": ["R:3:0.15"],
 }
 
 

@@ -111,18 +111,31 @@ def has_own_tokenizer(weights) -> bool:
 
 def load_run_tokenizer(cfg: RunConfig, weights=None):
     """The tokenizer of `data.tokenizer`; the starting weights' own (`weights`, see starting_weights)
-    when that directory holds one."""
+    when that directory holds one. Pre-training with data.objective=ul2 adds UL2's paradigm tokens
+    after the sentinels (a tokenizer saved by such a run has them already)."""
     from t5forge.tokenizer import load_tokenizer
 
     if has_own_tokenizer(weights):
         origin = "model.checkpoint_path" if cfg.model.checkpoint_path else "model.name's weights"
-        tokenizer = load_tokenizer(weights)
+        tokenizer = _with_objective_tokens(cfg, load_tokenizer(weights))
         log.info("tokenizer: %s (from %s; data.tokenizer is not used), %s ids", weights, origin,
                  f"{tokenizer.vocab_size:,}")
         return tokenizer
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tokenizer = _with_objective_tokens(cfg, load_tokenizer(cfg.data.tokenizer))
     log.info("tokenizer: %s (data.tokenizer), %s ids", cfg.data.tokenizer, f"{tokenizer.vocab_size:,}")
     return tokenizer
+
+
+def _with_objective_tokens(cfg: RunConfig, tokenizer):
+    if cfg.mode != "pt" or cfg.data.objective != "ul2":
+        return tokenizer
+    from t5forge.data.ul2 import ALL_PARADIGM_TOKENS
+
+    added = tokenizer.with_added_tokens(ALL_PARADIGM_TOKENS)
+    if added is not tokenizer:
+        log.info("tokenizer: UL2's paradigm tokens %s added after the sentinels (ids %d-%d)",
+                 " ".join(ALL_PARADIGM_TOKENS), added.sentinel_end, added.vocab_size - 1)
+    return added
 
 
 def weights_source(cfg: RunConfig, weights=None) -> str:
