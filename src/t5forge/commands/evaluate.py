@@ -236,6 +236,11 @@ def _model_and_tokenizer(args, directory, settings, device):
     from t5forge.tokenizer import load_tokenizer
 
     model, tokenizer = load_model(directory, device=device)
+    # The speed twins, as training applies them (eager; the compiled stretches are for training only):
+    # faster, and the held-out score of a run's checkpoint is computed the way the run computed it.
+    from t5forge.model import fast
+
+    model, _, _ = fast.apply(model, device=device)
     name = args.tokenizer
     if name is None and tokenizer is None and settings is not None:
         name = settings.cfg.data.tokenizer
