@@ -1,5 +1,8 @@
 """The resumable pre-training loader: text -> tokens -> 568-token chunks -> span-corrupted batches.
 
+The objective (`corruption`) is T5's span corruption (data/span_corruption.py) or UL2's mixture of
+denoisers (data/ul2.py); see data/reader_stream.py for how a reader picks each chunk's denoiser.
+
 Each reader (one per data-parallel rank x dataloader worker) walks its own slice of the source;
 what a reader does, and its state, are data/reader_stream.py's. The loader's state is its readers'
 states plus the layout they belong to (world size, workers, batch size) and the files it refers to
@@ -37,13 +40,14 @@ from t5forge.stop_signals import ignore_stop_signals
 
 STATE_VERSION = 3  # 3: drains, pending pieces and block ends (data/redeal.py); 2 still resumes on its own layout
 REDEAL_VERSIONS = (3,)
+MODEL_KEYS = ("input_ids", "attention_mask", "labels")  # what a batch hands the model
 
 
 class _WorkerDataset(torch.utils.data.IterableDataset):
     """Runs in each DataLoader worker: yields (reader, batch, reader state after it)."""
 
-    def __init__(self, streams: dict, num_workers: int, rotation: int):
-        self.streams, self.num_workers, self.rotation = streams, num_workers, rotation
+    def __init__(self, streams: dict, num_workers: int, rotation: int, keys=MODEL_KEYS):
+        self.streams, self.num_workers, self.rotation, self.keys = streams, num_workers, rotation, keys
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -56,8 +60,8 @@ class _WorkerDataset(torch.utils.data.IterableDataset):
         stream = self.streams[local]
         stream.tokenizer.num_threads = 1  # one core per worker
         try:
-            for item in stream:
-                yield local, _batch(*item), plain(stream.state)
+            for arrays in stream:
+                yield local, _tensors(arrays, self.keys), plain(stream.state)
         except T5ForgeError as err:
             # handed to the main process as a value: a worker's exception would arrive wrapped in a traceback
             yield local, None, str(err)
@@ -93,15 +97,15 @@ def die_with_parent(parent_pid: int, worker_id: int = 0) -> None:
         os._exit(1)
 
 
-def _batch(inputs, targets, spans=None) -> dict:
-    batch = {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(targets)}
-    if spans is not None:
-        batch["spans"] = spans
-    return batch
+def _tensors(arrays: dict, keys) -> dict:
+    """The batch's arrays named in `keys` as tensors; "spans" (an audit's lists) as they are."""
+    return {k: v if k == "spans" else torch.from_numpy(v) for k, v in arrays.items() if k in keys}
 
 
 class PretrainLoader:
-    """Iterable of dict(input_ids=LongTensor[B, input_length], labels=LongTensor[B, target_length]).
+    """Iterable of dict(input_ids=LongTensor[B, input_length], labels=LongTensor[B, target_length]),
+    with attention_mask=LongTensor[B, input_length] for UL2 (whose S-denoiser inputs are padded).
+    `extra_keys=("denoiser",)` adds each example's denoiser index (`t5forge data preview`).
 
     Training: each `iter()` continues from the current position (use one iterator at a time);
     held-out: each `iter()` starts over, so evaluation sees the same batches every time.
@@ -116,7 +120,8 @@ class PretrainLoader:
         check_value("data.shuffle_buffer", shuffle_buffer)
         self.shuffle_buffer = shuffle_buffer if train else 0
         self.input_length, self.target_length = corruption.input_length, corruption.target_length
-        self.raw_length = corruption.raw_length
+        self.raw_length = max(corruption.raw_lengths)
+        self.extra_keys = ()
         self._local_readers = max(num_workers, 1)
         self._consumed = 0  # batches handed out by this loader (training position)
         self._states = {}  # local reader -> state after its last batch handed out
@@ -148,14 +153,15 @@ class PretrainLoader:
         streams = self._streams(states)
         produced = 0
         if self.num_workers == 0:
-            for item in streams[0]:
+            for arrays in streams[0]:
                 produced += 1
                 if record:
                     self._states[0] = plain(streams[0].state)
                     self._consumed += 1
-                yield _batch(*item)
+                yield _tensors(arrays, self._keys())
         else:
-            dataset = _WorkerDataset(streams, self.num_workers, rotation=consumed % self.num_workers)
+            dataset = _WorkerDataset(streams, self.num_workers, rotation=consumed % self.num_workers,
+                                     keys=self._keys())
             # Its own generator: a DataLoader otherwise draws its workers' base seed from the global
             # torch RNG when iteration starts, which would shift the model's dropout stream by one
             # draw at a different step in a resumed run than in an uninterrupted one.
@@ -181,6 +187,9 @@ class PretrainLoader:
                 f"{self.raw_length} tokens on rank {self.rank} of {self.world_size}; give more validation "
                 "text or a smaller batch"
             )
+
+    def _keys(self) -> tuple:
+        return MODEL_KEYS + tuple(self.extra_keys) + (("spans",) if self.record_spans else ())
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
@@ -253,6 +262,11 @@ class PretrainLoader:
         keys = {"raw_length": "text tokens per example (from data.input_length)", "seed": "seed",
                 "shuffle_buffer": "data.shuffle_buffer"}
         changed = [f"{key} {layout[name]} -> {now[name]}" for name, key in keys.items() if layout[name] != now[name]]
+        if layout.get("objective") != now.get("objective"):
+            raise T5ForgeError(
+                f"cannot resume the data position: the objective changed since the checkpoint ({layout.get('objective')} "
+                f"-> {now.get('objective')}); resume with the checkpoint's data.objective and data.ul2_denoisers"
+            )
         if changed:
             raise T5ForgeError(
                 f"cannot resume the data position: {', '.join(changed)} since the checkpoint; a position counts "
@@ -278,11 +292,15 @@ class PretrainLoader:
                 "goes on from the same chunk", self.batch_size, layout["batch_size"])
 
     def _layout(self) -> dict:
-        return {
+        layout = {
             "rank": self.rank, "world_size": self.world_size, "num_workers": self.num_workers,
             "batch_size": self.batch_size, "raw_length": self.raw_length, "seed": self.seed,
             "shuffle_buffer": self.shuffle_buffer,
         }
+        objective = self.corruption.layout()  # None for span corruption: its positions read as before
+        if objective is not None:
+            layout["objective"] = objective
+        return layout
 
 
 def build_pretrain_loader(
@@ -297,6 +315,8 @@ def build_pretrain_loader(
     input_length: int = 512,
     noise_density: float = 0.15,
     mean_noise_span_length: float = 3.0,
+    objective: str = "span_corruption",
+    ul2_denoisers=(),
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
@@ -307,7 +327,8 @@ def build_pretrain_loader(
     allow_changed_files: bool = False,
     shuffle_buffer: int = 0,
 ) -> PretrainLoader:
-    """Span-corruption batches from local `files` (if any) or the Hub `dataset`; see the module docstring."""
+    """Span-corruption (or, objective="ul2", UL2 mixture: `ul2_denoisers`, default the paper's) batches
+    from local `files` (if any) or the Hub `dataset`; see the module docstring."""
     from t5forge.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer)
@@ -316,10 +337,17 @@ def build_pretrain_loader(
     if not 0 <= rank < world_size:
         raise T5ForgeError(f"rank {rank} is not in [0, world_size={world_size})")
     check_value("data.num_workers", num_workers)
-    corruption = SpanCorruption(
-        vocab_size=tokenizer.vocab_size, num_sentinels=tokenizer.num_sentinels, eos_id=tokenizer.eos_id,
-        input_length=input_length, noise_density=noise_density, mean_noise_span_length=mean_noise_span_length,
-    )
+    check_value("data.objective", objective)
+    if objective == "ul2":
+        from t5forge.data.ul2 import ALL_PARADIGM_TOKENS, DEFAULT_DENOISERS, build_mixture
+
+        tokenizer = tokenizer.with_added_tokens(ALL_PARADIGM_TOKENS)  # the run's tokenizer has them already
+        corruption = build_mixture(tokenizer, input_length, list(ul2_denoisers) or list(DEFAULT_DENOISERS))
+    else:
+        corruption = SpanCorruption(
+            vocab_size=tokenizer.sentinel_end, num_sentinels=tokenizer.num_sentinels, eos_id=tokenizer.eos_id,
+            input_length=input_length, noise_density=noise_density, mean_noise_span_length=mean_noise_span_length,
+        )
     source = TextSource(
         dataset=dataset, dataset_config=dataset_config, files=files, split=split, text_field=text_field,
         on_decode_error=on_decode_error, skip_option=skip_option,

@@ -16,7 +16,11 @@ A run that never changes its layout has no drains and no pending pieces.
 
 Example order: training readers shuffle chunks in blocks of `shuffle_buffer` consecutive chunks,
 each block permuted by an RNG keyed by (seed, reader, block number); `shuffle_buffer=0` keeps the
-corpus order. nanoT5 streams examples through a 10,000-example reservoir instead, whose contents
+corpus order. The objective (`corruption`) is T5's span corruption (data/span_corruption.py) or
+UL2's mixture of denoisers (data/ul2.py). With a mixture, the n-th chunk a reader cuts is as long
+as its denoiser needs, the denoiser drawn from an RNG keyed by (seed, reader, n): every block but a
+held-out reader's last is full, so block b begins at chunk b x size and nothing more is saved.
+nanoT5 streams examples through a 10,000-example reservoir instead, whose contents
 would have to be saved to resume exactly; a block needs only where it began. Within a block the
 order is uniformly random, and every chunk is handed out once per pass (a block that is longer
 than the reader's share of the corpus spans two epochs). Held-out readers never shuffle.
@@ -40,6 +44,7 @@ from t5forge.data.sources import reader_slice
 from t5forge.errors import T5ForgeError
 
 DOCS_PER_ENCODE = 16  # documents tokenized per call: amortises the call, keeps the read-ahead small
+CHOICES_PER_CALL = 256  # chunks whose denoisers are looked up at once
 
 
 def initial_state() -> dict:
@@ -70,9 +75,9 @@ def own_part(state: dict) -> dict:
 
 
 class ReaderStream:
-    """One reader's batches, as numpy arrays, with a constant-size state that resumes at the next batch.
+    """One reader's batches, as dicts of numpy arrays (the objective's `batch`), with a constant-size state that resumes at the next batch.
 
-    `spans=True`: each batch comes with, per row, the (epoch, shard, record, first token, end token)
+    `spans=True`: each batch also holds "spans", per row the (epoch, shard, record, first token, end token)
     pieces of documents it holds -- what an audit of "every token once per epoch" reads."""
 
     def __init__(self, source, tokenizer, corruption, batch_size, seed, reader, num_readers, train,
@@ -133,18 +138,24 @@ class ReaderStream:
                 )
             epoch, shard_pos, record = epoch + 1, 0, 0
 
-    def _chunks(self, pending, position):
-        """(raw chunk, its spans, position where the following chunk begins), from a position on.
+    def _chunks(self, pending, position, chunk=0):
+        """(raw chunk, its denoiser, its spans, position where the following chunk begins), from a
+        position on; `chunk`: the number of the first chunk (it picks the denoiser, and so the length).
 
         Token arrays are kept per document (a deque of (position, tokens, first unused, document)),
         so cutting a chunk costs the chunk, never the read-ahead: a huge document is tokenized once
         and sliced."""
-        raw_length = self.corruption.raw_length
+        raw_lengths = self.corruption.raw_lengths
+        choices = np.empty(0, dtype=np.int64)
         documents = self._documents(pending, position)
         at = position  # position before the next document read
         queue, queued = deque(), 0
         exhausted = False
         while True:
+            if not len(choices):
+                choices = self.corruption.denoisers_of(self.seed, self.reader, chunk, CHOICES_PER_CALL)
+            denoiser, choices, chunk = int(choices[0]), choices[1:], chunk + 1
+            raw_length = raw_lengths[denoiser]
             while queued < raw_length and not exhausted:
                 texts, starts, names = [], [], []
                 for text, start, after, name in documents:
@@ -179,7 +190,7 @@ class ReaderStream:
                     queue.popleft()
             queued -= raw_length
             following = (*queue[0][0], queue[0][2]) if queue else at
-            yield np.concatenate(parts) if len(parts) > 1 else parts[0], spans, following
+            yield np.concatenate(parts) if len(parts) > 1 else parts[0], denoiser, spans, following
 
     def _state_at(self, pending, position) -> dict:
         """The state fields naming a position: the pending pieces left (the first from the
@@ -192,7 +203,7 @@ class ReaderStream:
         return {"pending": [], "epoch": epoch, "shard_pos": shard_pos, "record": record, "offset": offset}
 
     def _own_blocks(self, state):
-        """(chunk, spans, own state after handing it out), from an own state (`own_part`) on.
+        """(chunk, denoiser, spans, own state after handing it out), from an own state (`own_part`) on.
 
         Training readers permute blocks of `shuffle_buffer` consecutive chunks with an RNG keyed by
         (seed, reader, block); the state records where the block began, so a resume re-reads that
@@ -204,12 +215,12 @@ class ReaderStream:
             position = (0, state["epoch"], state["shard_pos"], state["record"], state["offset"])
         block, index = state["block"], state["index"]
         size = max(self.shuffle_buffer, 1)
-        chunks = self._chunks(pending, position)
+        chunks = self._chunks(pending, position, chunk=block * size)
         while True:
             taken = list(itertools.islice(chunks, size))
             if not taken:
                 return
-            following = taken[-1][2]
+            following = taken[-1][3]
             order = np.arange(len(taken))
             if size > 1:
                 np.random.default_rng([self.seed, self.reader, block, 2]).shuffle(order)
@@ -219,12 +230,12 @@ class ReaderStream:
                              "next": self._state_at(pending, following)}
                 else:
                     after = {**self._state_at(pending, following), "block": block + 1, "index": 0, "next": None}
-                chunk, spans, _ = taken[order[i]]
-                yield chunk, spans, after
+                chunk, denoiser, spans, _ = taken[order[i]]
+                yield chunk, denoiser, spans, after
             position, block, index = following, block + 1, 0
 
     def _blocks(self):
-        """(chunk, spans, state after handing it out, batch count aside): the drains first, each
+        """(chunk, denoiser, spans, state after handing it out, batch count aside): the drains first, each
         replayed to the end of its block by a stream of the reader it came from, then my own stream."""
         drains = list(self.state["drains"])
         own = own_part(self.state)
@@ -232,30 +243,30 @@ class ReaderStream:
             item = drains[0]
             replay = ReaderStream(self.source, self.tokenizer, self.corruption, self.batch_size, self.seed,
                                   item["reader"], item["num_readers"], self.train, self.shuffle_buffer, self.spans)
-            for chunk, spans, after in replay._own_blocks(item["state"]):
+            for chunk, denoiser, spans, after in replay._own_blocks(item["state"]):
                 done = after["block"] != item["state"]["block"]
                 drains = drains[1:] if done else [{**item, "state": after}, *drains[1:]]
-                yield chunk, spans, {**own, "drains": drains}
+                yield chunk, denoiser, spans, {**own, "drains": drains}
                 if done:
                     break
             else:
                 drains = drains[1:]
-        for chunk, spans, after in self._own_blocks(own):
-            yield chunk, spans, {**after, "drains": []}
+        for chunk, denoiser, spans, after in self._own_blocks(own):
+            yield chunk, denoiser, spans, {**after, "drains": []}
 
     def __iter__(self):
         st = self.state
-        batch, spans = [], []
-        for chunk, chunk_spans, after in self._blocks():
+        batch, denoisers, spans = [], [], []
+        for chunk, denoiser, chunk_spans, after in self._blocks():
             batch.append(chunk)
+            denoisers.append(denoiser)
             spans.append(chunk_spans)
             if len(batch) == self.batch_size:
                 # held-out readers get their own masks, not copies of the training readers' first ones
                 rng = np.random.default_rng([self.seed, self.reader, st["batches"], int(self.train)])
-                inputs, targets = self.corruption(np.stack(batch), rng)
+                arrays = self.corruption.batch(batch, denoisers, rng)
                 st.update(after, batches=st["batches"] + 1)
                 if self.spans:
-                    yield inputs, targets, spans
-                else:
-                    yield inputs, targets
-                batch, spans = [], []
+                    arrays["spans"] = spans
+                yield arrays
+                batch, denoisers, spans = [], [], []

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from t5forge.errors import T5ForgeError
 from t5forge.model.config import T5Config
-from t5forge.model.t5 import Stack
+from t5forge.model.t5 import Stack, layer_bias
 
 
 def shorten(x, mask, k: int):
@@ -84,15 +84,16 @@ class HourglassStack(Stack):
         full_bias, _ = self.attention_biases(x, mask, None, None, 0, None, None)
         full_rotation = self.rotation(S)
         x = self.dropout(x)
-        for block in self.blocks[:self.pre]:
-            x = block(x, full_bias, rotation=full_rotation)
+        short = range(self.pre, self.pre + n_short)
+        for i in range(self.pre):
+            x = self.blocks[i](x, layer_bias(full_bias, i), rotation=full_rotation)
         s, short_mask = shorten(x, mask, k)
         short_bias, _ = self.attention_biases(s, short_mask, None, None, 0, None, None)
         short_rotation = self.rotation(s.shape[1])  # the shortened sequence's own positions 0..ceil(S/k)-1
-        for block in self.blocks[self.pre:self.pre + n_short]:
-            s = block(s, short_bias, rotation=short_rotation)
+        for i in short:
+            s = self.blocks[i](s, layer_bias(short_bias, i), rotation=short_rotation)
         x = x + upsample(s, k, S)
-        for block in self.blocks[self.pre + n_short:]:
-            x = block(x, full_bias, rotation=full_rotation)
+        for i in range(short.stop, len(self.blocks)):
+            x = self.blocks[i](x, layer_bias(full_bias, i), rotation=full_rotation)
         return self.dropout(self.final_norm(x))  # (B, S, C)
 

@@ -11,7 +11,8 @@
 - Relative position bias: one learned table (num_buckets x heads) per stack, read at the bucket of
   every (key - query) distance, shared by all layers; bidirectional buckets in the encoder, causal
   in the decoder. Computed once per stack forward and folded together with the padding / causal /
-  packed-row mask (model/masks.py) into one additive bias. Another position scheme may rotate
+  packed-row mask (model/masks.py) into one additive bias (UMT5's table per layer:
+  model/per_layer_bias.py). Another position scheme may rotate
   self-attention's q and k instead (RoPE, model/positions.py): the stack asks it once per forward
   (`Stack.rotation`) and hands the rotation to every block.
 - Feed-forward: relu (v1.0) or a gated activation (v1.1: gelu, tanh approximation).
@@ -178,6 +179,11 @@ class PreNormBlock(nn.Module):
         return x + self.dropout(self.ff(self.ff_norm(x)))
 
 
+def layer_bias(self_bias, i: int):
+    """Layer i's self-attention bias: the stack's one bias, or its i-th (a table per layer)."""
+    return self_bias[i] if isinstance(self_bias, list) else self_bias
+
+
 class Stack(nn.Module):
     """The encoder (bidirectional; encoder kind "stack") or the decoder (causal, cross-attending)."""
 
@@ -193,11 +199,16 @@ class Stack(nn.Module):
 
     def attention_biases(self, x, mask, enc, enc_mask, offset, segments, enc_segments):
         """(self-attention bias, cross-attention bias or None): additive, (B or 1, H or 1, Q, K),
-        built once for all layers. Packed rows (segments) replace the padding masks."""
+        built once for all layers (the self-attention's: a list of one per layer when the position
+        scheme has one table per layer; `layer_bias`). Packed rows (segments) replace the padding masks."""
         L, dtype = x.shape[1], compute_dtype(x)
         keep = keep_mask(L, offset + L, x.device, mask, causal=self.is_decoder, query_offset=offset,
                          query_segments=segments, key_segments=segments)
-        self_bias = additive_bias(self.position(L, offset + L, offset), keep, dtype)
+        position = self.position(L, offset + L, offset)
+        if isinstance(position, list):  # a table per layer (t5_bias_per_layer, UMT5): one bias per layer
+            self_bias = [additive_bias(p, keep, dtype) for p in position]
+        else:
+            self_bias = additive_bias(position, keep, dtype)
         if not self.is_decoder:
             return self_bias, None
         keep = keep_mask(L, enc.shape[1], x.device, enc_mask, query_segments=segments, key_segments=enc_segments)
@@ -218,8 +229,8 @@ class Stack(nn.Module):
         rotation = self.rotation(x.shape[1], offset)
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, self_bias, enc, cross_bias, cache=cache.layers[i] if cache is not None else None,
-                      rotation=rotation)
+            layer = cache.layers[i] if cache is not None else None
+            x = block(x, layer_bias(self_bias, i), enc, cross_bias, cache=layer, rotation=rotation)
         if cache is not None:
             cache.advance(x.shape[1])
         return self.dropout(self.final_norm(x))  # (B, L, C)

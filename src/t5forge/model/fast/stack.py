@@ -17,7 +17,7 @@ gets it; the attention twin applies it as the plain attention does.
 from __future__ import annotations
 
 from t5forge.model.fast.attention import stack_biases
-from t5forge.model.t5 import PreNormBlock, Stack
+from t5forge.model.t5 import PreNormBlock, Stack, layer_bias
 
 
 class FastBlock(PreNormBlock):
@@ -59,12 +59,13 @@ class FastStack(Stack):
         layers = cache.layers if cache is not None else [None] * len(self.blocks)
         if self.fused_residual:
             delta = None
-            for block, layer in zip(self.blocks, layers):
-                x, delta = block.forward_pending(x, delta, self_bias, enc, cross_bias, cache=layer, rotation=rotation)
+            for i, (block, layer) in enumerate(zip(self.blocks, layers)):
+                x, delta = block.forward_pending(x, delta, layer_bias(self_bias, i), enc, cross_bias, cache=layer,
+                                                 rotation=rotation)
             h = self.final_norm.add_forward(x, delta)[1]
         else:
-            for block, layer in zip(self.blocks, layers):
-                x = block(x, self_bias, enc, cross_bias, cache=layer, rotation=rotation)
+            for i, (block, layer) in enumerate(zip(self.blocks, layers)):
+                x = block(x, layer_bias(self_bias, i), enc, cross_bias, cache=layer, rotation=rotation)
             h = self.final_norm(x)
         if cache is not None:
             cache.advance(x.shape[1])
