@@ -94,9 +94,9 @@ class Task:
 
 def checkpoint_parts(run: Run, task: Task, loader) -> dict[str, Any]:
     """Every named part a checkpoint of this run holds, in restore order (the RNGs last)."""
-    streams = RNGStreams(run.world.rank, run.world.world_size, reseed=lambda saved: reseed_streams(run, saved))
+    rng_streams = RNGStreams(run.world.rank, run.world.world_size, reseed=lambda saved: reseed_streams(run, saved))
     parts = run_parts(model=run.model, tokenizer=run.tokenizer, optimizer=run.optimizer, train_state=run.state,
-                      data=loader, config_text=run_config_text(run.cfg), rng_streams=streams)
+                      data=loader, config_text=run_config_text(run.cfg), rng_streams=rng_streams)
     extra = task.extra_parts(run, loader)
     clash = sorted(set(extra) & set(parts))
     if clash:
