@@ -90,11 +90,12 @@ class CheckpointedBlock:
     """Mixin before a block class: its forward (and forward_pending, where the class has one) runs
     under torch.utils.checkpoint while gradients are recorded and no generation cache is passed."""
 
-    def forward(self, *args, **kwargs):
-        return self._checkpointed(super().forward, args, kwargs)
+    def forward(self, *args, **kwargs):  # (x, self_bias, enc, cross_bias, cache)
+        return self._checkpointed(super().forward, args, kwargs, cache_at=4)
 
-    def _checkpointed(self, fn, args, kwargs):
-        if kwargs.get("cache") is not None or not torch.is_grad_enabled():
+    def _checkpointed(self, fn, args, kwargs, cache_at: int):
+        cache = kwargs.get("cache", args[cache_at] if len(args) > cache_at else None)
+        if cache is not None or not torch.is_grad_enabled():
             return fn(*args, **kwargs)
         if torch.compiler.is_compiling():  # the compiled graph's partitioner does the recompute
             return checkpoint(fn, *args, use_reentrant=False, **kwargs)
@@ -115,8 +116,8 @@ class CheckpointedBlock:
 class _PendingForward:
     """The fused-residual twin's `forward_pending`, checkpointed as `forward` is."""
 
-    def forward_pending(self, *args, **kwargs):
-        return self._checkpointed(super().forward_pending, args, kwargs)
+    def forward_pending(self, *args, **kwargs):  # (x, delta, self_bias, enc, cross_bias, cache)
+        return self._checkpointed(super().forward_pending, args, kwargs, cache_at=5)
 
 
 def _drop_aux_losses(module: nn.Module) -> None:
