@@ -212,7 +212,7 @@ def environment(args) -> dict:
         mem = next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
                     if line.startswith("MemTotal:")), 0)
         hardware += f", {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), {mem / GiB:.0f} GiB"
-    return {"git_sha": git("rev-parse", "HEAD"), "uncommitted_changes": bool(git("status", "--porcelain")),
+    return {"git_sha": git("rev-parse", "HEAD"), "uncommitted_changes": bool(git("status", "--porcelain", "--", ".", ":!benchmarks/results")),
             "hardware": hardware, "python": platform.python_version(), "torch": torch.__version__,
             "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}
 
