@@ -42,8 +42,9 @@ def step(model, loss, batch, seed=7):
 
 @pytest.mark.parametrize("twins", [False, True], ids=["plain", "twins"])
 @pytest.mark.parametrize("overrides", [{}, {"feed_forward": "switch", "moe_every": 1},
-                                       {"encoder": "hourglass", "num_layers": 4}, {"block": "primer"}],
-                         ids=["dense", "switch", "hourglass", "primer"])
+                                       {"encoder": "hourglass", "num_layers": 4}, {"block": "primer"},
+                                       {"position": "rope"}, {"position": "t5_bias_per_layer"}],
+                         ids=["dense", "switch", "hourglass", "primer", "rope", "per_layer_bias"])
 @pytest.mark.parametrize("mode", MODES)
 def test_losses_and_gradients_are_bit_identical_with_dropout(mode, overrides, twins):
     batch = padded_batch()
