@@ -31,6 +31,7 @@ PRECISIONS = ("bf16", "fp32")
 MODES = ("pt", "ft")
 OBJECTIVES = ("span_corruption", "ul2")
 ATTENTIONS = ("sdpa", "eager", "flex")
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")  # model/activation_checkpointing.py MODES
 ON_NONFINITE = ("rollback", "stop")
 DECAYING_SCHEDULES = ("cosine", "linear")  # their warmup must end before the run does
 
@@ -79,6 +80,11 @@ class ModelConfig:
                                                "activations while training on CPU (model/fast/compiled.py); null = on "
                                                "there for a residual stream (micro-batch x input length x "
                                                "d_model) of 400k+ elements, unless model.compile")
+    activation_checkpointing: str = _key("none", "recompute activations in the backward instead of keeping them, per "
+                                         "block (model/activation_checkpointing.py): none = keep all; full = every "
+                                         "block of each stack keeps only its input (least memory, one more forward "
+                                         "of every block); selective = every other block (blocks 0, 2, 4, ...: about "
+                                         "half the saving for half the recompute)", one_of(*ACTIVATION_CHECKPOINTING))
     attention: str = _key("sdpa", "attention back end (flex: FlexAttention, GPU training)",
                           one_of(*ATTENTIONS))
     dropout_rate: float = _key(0.0, "dropout everywhere (nanoT5 overwrites T5's 0.1 with 0.0)", within("[0, 1)"))

@@ -323,13 +323,14 @@ class Training(NamedTuple):
 
 def training_model(model, cfg: RunConfig, world, device, plan=None) -> Training:
     """The module the loop calls and its token loss. The plain model gets its speed twins
-    (model/fast/: `fast.apply`, which logs what it swapped and what it left plain); then it is
-    DDP-wrapped under torchrun and compiled with model.compile (null: on CUDA). On CPU without
+    (model/fast/: `fast.apply`, which logs what it swapped and what it left plain) and the
+    activation checkpointing of model.activation_checkpointing; then it is DDP-wrapped under
+    torchrun and compiled with model.compile (null: on CUDA). On CPU without
     model.compile, the twins' elementwise stretches run compiled on their own
     (model.compile_elementwise; null: when the plan's residual stream, micro-batch x input length x
     d_model, is large enough to gain from it)."""
     from t5forge.distributed import wrap_ddp
-    from t5forge.model import fast
+    from t5forge.model import activation_checkpointing, fast
     from t5forge.model.fast.compiled import wanted
     from t5forge.model.loss import TokenNLL
 
@@ -338,6 +339,8 @@ def training_model(model, cfg: RunConfig, world, device, plan=None) -> Training:
     elementwise = wanted(cfg.model.compile_elementwise, device, compiled, stream)
     log.info("compile: %s", compile_note(cfg.model, device, compiled, elementwise, stream))
     model, loss, _ = fast.apply(model, TokenNLL(), device=device, compiled=compiled, elementwise=elementwise)
+    # After the twins (the stack twin reads its blocks' exact types), before DDP and torch.compile.
+    activation_checkpointing.apply(model, cfg.model.activation_checkpointing)
     wrapped = wrap_ddp(model, world, device)
     if not compiled:
         return Training(wrapped, loss)
