@@ -160,7 +160,7 @@ def _table(spec: Spec, rows: list[dict]) -> list[str]:
                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     else:
         lines = [f"| arm | overrides | parameters | active parameters | tokens/s (median) | steps | training s "
-                 f"| final held-out NLL: mean | per seed ({' / '.join(map(str, spec.seeds))}) | vs {rows[0]['arm']} "
+                 f"| final held-out NLL: mean | per seed ({' / '.join(map(str, spec.seeds))}) | vs {rows[0]['arm']} (per seed) "
                  f"| best held-out NLL: mean | per seed | peak RSS MiB |",
                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     reference = rows[0]["final_eval_loss"]
@@ -173,8 +173,11 @@ def _table(spec: Spec, rows: list[dict]) -> list[str]:
             lines.append(f"{common}| {_fmt(r['final_eval_loss'], '.4f')} | {best} | {_fmt(r.get('peak_rss_mib'), '.0f')} |")
             continue
         delta = None if r["final_eval_loss"] is None or reference is None else r["final_eval_loss"] - reference
+        # Per seed, paired: at one seed both arms saw the same data order and held-out masks.
+        paired = [None if a is None or b is None else a - b
+                  for a, b in zip(r["final_eval_loss_per_seed"], rows[0]["final_eval_loss_per_seed"])]
         lines.append(f"{common}| {_fmt(r['final_eval_loss'], '.4f')} | {_seeded(r['final_eval_loss_per_seed'])} "
-                     f"| {_fmt(delta, '+.4f')} | {_fmt(r['best_eval_loss'], '.4f')} "
+                     f"| {_fmt(delta, '+.4f')} ({_seeded(paired, '+.4f')}) | {_fmt(r['best_eval_loss'], '.4f')} "
                      f"| {_seeded(r['best_eval_loss_per_seed'])} | {_fmt(r.get('peak_rss_mib'), '.0f')} |")
     return lines
 
@@ -203,7 +206,8 @@ def write_results(out: Path, spec: Spec, rows: list[dict]) -> list[Path]:
                   f"over its {len(spec.seeds)} seeds (max - min; best NLL: {_fmt(noise['best_eval_loss_spread'], '.4f')}). "
                   f"A difference from {noise['arm']} smaller than that is not resolved by these runs. Steps, training s "
                   f"and tokens/s are means over the seeds.", ""]
-    lines += ["NLL: held-out loss in nats per target token, on the same held-out batches for every arm. "
+    same = "for every arm" if spec.seeds is None else "for every arm at one seed (the seed draws their noise masks)"
+    lines += [f"NLL: held-out loss in nats per target token, on the same held-out batches {same}. "
               "Active parameters: those one token uses (a mixture of experts counts top_k of its experts). "
               f"Peak RSS: {measures or 'not measured'}.", "", f"![held-out NLL against training time]({CURVES})", ""]
     (out / RESULTS_MD).write_text("\n".join(lines))
@@ -213,12 +217,13 @@ def write_results(out: Path, spec: Spec, rows: list[dict]) -> list[Path]:
 
 def plot_curves(path: Path, rows: list[dict], budget: str) -> None:
     """Held-out NLL against training seconds, one colour per arm (each seed its own line, the arm named
-    once), matplotlib's object API, as plot.py."""
+    once); with seeds, beside it each arm's final NLL per seed and their mean (matplotlib's object API,
+    as plot.py)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 5), dpi=120, layout="constrained")
-    ax = fig.add_subplot()
-    ax.set_title(f"held-out NLL per arm ({budget} each)")
+    seeded = any("runs" in r for r in rows)
+    fig = Figure(figsize=(12, 5) if seeded else (8, 4.5), dpi=120, layout="constrained")
+    ax = fig.add_subplot(1, 2, 1) if seeded else fig.add_subplot()
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("held-out NLL (nats / target token)")
     ax.grid(True, alpha=0.3)
@@ -230,11 +235,26 @@ def plot_curves(path: Path, rows: list[dict], budget: str) -> None:
                 ax.plot([t for t, _ in points], [loss for _, loss in points], marker="o", markersize=3,
                         color=f"C{index % 10}", linewidth=1.2, label=r["arm"] if n == 0 else None)
                 plotted.append([loss for _, loss in points])
+    title = f"held-out NLL per arm ({budget} each)"
     if plotted:
-        # The first evaluations of a fresh model sit far above the rest: zoom to where the arms differ.
-        late = [losses[len(losses) // 3:] for losses in plotted]
+        # A fresh model's first evaluation sits far above the rest: the axis starts at the second.
+        late = [losses[1:] or losses for losses in plotted]
         low, high = min(min(v) for v in late), max(max(v) for v in late)
-        if high > low:
-            ax.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
+        if high > low and any(len(v) > 1 for v in plotted):
+            ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
+            title += "; first evaluation off the axis"
         ax.legend()
+    ax.set_title(title)
+    if seeded:
+        final = fig.add_subplot(1, 2, 2)
+        final.set_title("final held-out NLL: each seed (dots) and the mean (bar)")
+        final.grid(True, axis="x", alpha=0.3)
+        for index, r in enumerate(rows):
+            y = len(rows) - 1 - index
+            values = [v for v in r["final_eval_loss_per_seed"] if v is not None]
+            final.scatter(values, [y] * len(values), color=f"C{index % 10}", s=25, zorder=3)
+            if r["final_eval_loss"] is not None:
+                final.plot([r["final_eval_loss"]] * 2, [y - 0.3, y + 0.3], color=f"C{index % 10}", linewidth=2)
+        final.set_yticks(range(len(rows)), [r["arm"] for r in reversed(rows)])
+        final.set_xlabel("held-out NLL (nats / target token)")
     fig.savefig(path)
