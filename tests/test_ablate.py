@@ -109,6 +109,16 @@ def test_bad_spec_is_refused_naming_file_and_key(tmp_path, c4_pretrain_args, cap
     assert not (tmp_path / "out").exists()
 
 
+def test_arm_the_architecture_refuses_stops_before_any_arm_trains(tmp_path, c4_pretrain_args, capsys):
+    # pt_tiny's 2 layers leave the hourglass encoder no block to shorten (1 before, 1 after).
+    arms = {"baseline": [], "hourglass": ["model.encoder=hourglass"]}
+    path = _write(tmp_path / "spec.yaml", {"base": _base(c4_pretrain_args), "budget": 3, "arms": arms})
+    assert main(["ablate", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: arm hourglass:" in err and "hourglass_pre" in err and "raise num_layers" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_arm_override_that_is_no_config_key_stops_before_any_arm_trains(tmp_path, c4_pretrain_args, capsys):
     arms = {"baseline": [], "typo": ["model.feed_foward=squared_relu"]}
     path = _write(tmp_path / "spec.yaml", {"base": _base(c4_pretrain_args), "budget": 3, "arms": arms})

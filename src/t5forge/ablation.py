@@ -194,11 +194,16 @@ def load_spec(path: str | Path) -> Spec:
 def run_configs(spec: Spec, out: Path) -> dict:
     """Each run's resolved RunConfig (Run -> config), all checked before any run trains."""
     from t5forge.config_files import load_config, with_run_dir
+    from t5forge.plan import resolve_model_config
 
     configs = {}
     for run in spec.runs(out):
         try:
             cfg = load_config(spec.items(run))
+            if not cfg.model.checkpoint_path:
+                # The architecture's own rules (e.g. hourglass needs a block to shorten) are checked
+                # when the model is built: here, so that a bad last arm stops the ablation before the first.
+                resolve_model_config(cfg)
         except T5ForgeError as err:
             raise T5ForgeError(f"{spec.path}: arm {run.arm}: {err}") from None
         if cfg.mode != "pt":
