@@ -101,8 +101,12 @@ class ModelConfig:
                                        _registered("feed_forward"))
     position: Optional[str] = _key(None, "override: position scheme: t5_bias = T5's learned relative bias "
                                          "(Raffel et al. 2020); alibi = linear distance biases (Press et al. "
-                                         "2022, \"Train Short, Test Long\"); none = no position information",
+                                         "2022, \"Train Short, Test Long\"); rope = rotary position embeddings, q and "
+                                         "k of self-attention rotated by position (Su et al. 2021, \"RoFormer\"; "
+                                         "needs an even d_kv); none = no position information",
                                    _registered("position"))
+    rope_theta: Optional[float] = _key(None, "override: model.position=rope: the base of the rotation frequencies, "
+                                       "theta_i = base^(-2i/d_kv); default 10000 (the paper's)", above(0))
     block: Optional[str] = _key(None, "override: block component (pre_norm = T5's; normformer = NormFormer, "
                                 "Shleifer et al. 2021: norms after attention and inside the feed-forward, "
                                 "head-wise attention scale; primer = Primer's multi-dconv-head attention, So et "
@@ -145,7 +149,7 @@ ARCHITECTURE_KEYS = (
     "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
     "relative_attention_num_buckets", "relative_attention_max_distance", "feed_forward_proj",
     "tie_word_embeddings", "layer_norm_epsilon", "feed_forward", "position", "block", "encoder",
-    "hourglass_factor", "hourglass_pre", "hourglass_post",
+    "hourglass_factor", "hourglass_pre", "hourglass_post", "rope_theta",
     "num_experts", "expert_top_k", "expert_capacity_factor", "moe_every", "router_aux_loss_coef",
     "router_z_loss_coef",
 )

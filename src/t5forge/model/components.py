@@ -2,7 +2,7 @@
 
     kind          T5Config field   default      HF's T5
     feed-forward  feed_forward     "dense"      yes
-    position      position         "t5_bias"    yes (alibi, none: no)
+    position      position         "t5_bias"    yes (alibi, rope, none: no)
     block         block            "pre_norm"   yes
     encoder       encoder          "stack"      yes (hourglass: no)
 
@@ -28,6 +28,7 @@ FEED_FORWARDS = {
 POSITIONS = {
     "t5_bias": "t5forge.model.t5:T5RelativeBias",
     "alibi": "t5forge.model.positions:ALiBi",
+    "rope": "t5forge.model.positions:RoPE",
     "none": "t5forge.model.positions:NoPosition",
 }
 BLOCKS = {

@@ -70,6 +70,8 @@ class T5Config:
     hourglass_factor: int = 2
     hourglass_pre: int = 1
     hourglass_post: int = 1
+    # t5forge only: RoPE's base (position="rope", model/positions.py): theta_i = rope_theta^(-2i / d_kv)
+    rope_theta: float = 10000.0
     # t5forge only: the sparse mixture-of-experts feed-forward (feed_forward="switch", model/moe.py);
     # read only by it, so they change nothing in a model without it.
     num_experts: int = 8
@@ -113,9 +115,19 @@ class T5Config:
         for kind in ("feed_forward", "position", "block", "encoder"):
             check_name(kind, getattr(self, kind))
         self._check_hourglass()
+        self._check_rope()
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise T5ForgeError(
                 f"model config: attention_backend {self.attention_backend!r} is unknown; use one of {ATTENTION_BACKENDS}"
+            )
+
+    def _check_rope(self):
+        if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or not self.rope_theta > 0:
+            raise T5ForgeError(f"model config: rope_theta (RoPE's base) must be a number > 0, got {self.rope_theta!r}")
+        if self.position == "rope" and self.d_kv % 2:
+            raise T5ForgeError(
+                f"model config: position 'rope' rotates pairs of d_kv features, so d_kv must be even, got "
+                f"d_kv={self.d_kv}; set model.d_kv to an even number (or another model.position)"
             )
 
     def _check_hourglass(self):
