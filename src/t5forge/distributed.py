@@ -70,6 +70,11 @@ def host_max(flags: list[float], world: World) -> list[float]:
     return t.tolist()
 
 
+def any_rank(flag: bool, world: World) -> bool:
+    """Whether `flag` holds on some rank (one host-side all-reduce; `flag` in a single process)."""
+    return bool(host_max([float(flag)], world)[0])
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
@@ -111,14 +116,11 @@ def shard_fsdp(model: torch.nn.Module, world: World, precision: str, reshard_aft
     # The root's weights (embedding, LM head) are used again right after the forward, by the loss:
     # fully_shard keeps a root unit's gathered weights until the backward.
     fully_shard(model, mp_policy=policy)
-    for method in FSDP_FORWARD_METHODS:  # generation reaches the root's weights through generate()
-        if hasattr(model, method):
-            register_fsdp_forward_method(model, method)
     return model
 
 
-# Methods that run a module's weights without its forward: FSDP gathers the weights around them.
-FSDP_FORWARD_METHODS = ("forward_pending", "generate")
+# Methods that run a block's weights without its forward: FSDP gathers the weights around them too.
+FSDP_FORWARD_METHODS = ("forward_pending",)
 
 
 def is_fsdp(model: torch.nn.Module) -> bool:

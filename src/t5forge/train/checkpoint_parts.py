@@ -184,7 +184,7 @@ class OptimizerPart:
 
             by_name = get_optimizer_state_dict(unwrap_model(self.model), self.optimizer,
                                                options=_full_options(cpu_offload=True))
-            self._staged = _indexed(by_name, self._names()) if by_name else {}
+            self._staged = _indexed(by_name, self._names(), self.optimizer) if by_name else {}
 
     def unstage(self) -> None:
         self._staged = None
@@ -229,11 +229,12 @@ class OptimizerPart:
         self.load_state_dict(saved, source=str(file))
 
 
-def _indexed(by_name: dict, names: list[str]) -> dict:
-    """A state dict keyed by parameter names (torch.distributed.checkpoint's) keyed by index instead."""
+def _indexed(by_name: dict, names: list[str], optimizer) -> dict:
+    """A state keyed by parameter names (torch.distributed.checkpoint's) keyed by index instead, with
+    the optimizer's own param_groups: what `optimizer.state_dict()` of one process holds."""
     index = {name: i for i, name in enumerate(names)}
-    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]
-    return {"state": {index[n]: v for n, v in by_name["state"].items()}, "param_groups": groups}
+    return {"state": {index[n]: v for n, v in by_name["state"].items()},
+            "param_groups": optimizer.state_dict()["param_groups"]}
 
 
 def _named(indexed: dict, names: list[str]) -> dict:
