@@ -20,6 +20,7 @@ def losses(run_dir):
     return [(r["kind"], r["step"], r.get("loss", r.get("eval_loss"))) for r in records if r["kind"] in ("train", "eval")]
 
 
+@pytest.mark.slow
 def test_fsdp_equals_one_process_resumes_and_exports(tmp_path, c4_pretrain_args):
     from t5forge.config import OptimConfig
     from t5forge.model.load import load_model
@@ -72,8 +73,12 @@ def test_fsdp_equals_one_process_resumes_and_exports(tmp_path, c4_pretrain_args)
     for i, moments in single_opt["state"].items():
         assert fsdp_opt["state"][i]["step"] == moments["step"]
         for k in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(fsdp_opt["state"][i][k], moments[k], rtol=1e-4, atol=1e-9)
+            torch.testing.assert_close(fsdp_opt["state"][i][k], moments[k], rtol=1e-4, atol=1e-7)
 
-    done = run([sys.executable, "-m", "t5forge", "export", str(final), str(tmp_path / "hf")])
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "hf" / "config.json").is_file()
+    from transformers import T5ForConditionalGeneration
+
+    from t5forge.cli import main
+
+    assert main(["export", str(final), str(tmp_path / "hf")]) == 0
+    hf = T5ForConditionalGeneration.from_pretrained(tmp_path / "hf")
+    torch.testing.assert_close(hf.shared.weight.detach(), wa["shared.weight"])

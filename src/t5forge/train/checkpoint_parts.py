@@ -210,6 +210,8 @@ class OptimizerPart:
 
                 by_name = _named(state["state_dict"], self._names())
                 set_optimizer_state_dict(unwrap_model(self.model), self.optimizer, by_name, options=_full_options())
+                for group, saved in zip(self.optimizer.param_groups, state["state_dict"]["param_groups"]):
+                    group.update({k: v for k, v in saved.items() if k != "params"})  # as saved (betas a tuple)
             else:
                 self.optimizer.load_state_dict(state["state_dict"])
         except (ValueError, KeyError, IndexError, RuntimeError) as err:
