@@ -33,6 +33,7 @@ OBJECTIVES = ("span_corruption", "ul2")
 ATTENTIONS = ("sdpa", "eager", "flex")
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")  # model/activation_checkpointing.py MODES
 ON_NONFINITE = ("rollback", "stop")
+STRATEGIES = ("ddp", "fsdp")
 DECAYING_SCHEDULES = ("cosine", "linear")  # their warmup must end before the run does
 
 
@@ -277,6 +278,17 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    strategy: str = _key("ddp", "data parallelism under torchrun: ddp = a full replica per rank, gradients "
+                         "all-reduced; fsdp = FSDP2 (fully_shard per block): weights, gradients and optimizer state "
+                         "sharded over the ranks (bf16: bf16 compute, fp32 weights and reductions), for models whose "
+                         "replica and optimizer state do not fit one device", one_of(*STRATEGIES))
+    fsdp_reshard_after_forward: bool = _key(True, "fsdp: free each block's gathered weights after its forward and "
+                                            "gather them again for the backward (less memory); false keeps them "
+                                            "until the backward (less communication)")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     mode: str = _key("pt", "pt (pre-training) | ft (fine-tuning); set by the presets", one_of(*MODES))
     seed: int = _key(2137, "random seed (model init, data order, span corruption)")
@@ -296,6 +308,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 # ---------------------------------------------------------------------------------- schema walking
