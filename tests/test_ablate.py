@@ -109,6 +109,16 @@ def test_bad_spec_is_refused_naming_file_and_key(tmp_path, c4_pretrain_args, cap
     assert not (tmp_path / "out").exists()
 
 
+def test_arm_the_architecture_refuses_stops_before_any_arm_trains(tmp_path, c4_pretrain_args, capsys):
+    # pt_tiny's 2 layers leave the hourglass encoder no block to shorten (1 before, 1 after).
+    arms = {"baseline": [], "hourglass": ["model.encoder=hourglass"]}
+    path = _write(tmp_path / "spec.yaml", {"base": _base(c4_pretrain_args), "budget": 3, "arms": arms})
+    assert main(["ablate", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: arm hourglass:" in err and "hourglass_pre" in err and "raise num_layers" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_arm_override_that_is_no_config_key_stops_before_any_arm_trains(tmp_path, c4_pretrain_args, capsys):
     arms = {"baseline": [], "typo": ["model.feed_foward=squared_relu"]}
     path = _write(tmp_path / "spec.yaml", {"base": _base(c4_pretrain_args), "budget": 3, "arms": arms})
@@ -152,3 +162,89 @@ def test_time_budget_trains_each_arm_for_that_long(tmp_path, c4_pretrain_args, c
     assert row["train_seconds"] >= 2 and row["steps"] >= 1 and math.isfinite(row["final_eval_loss"])
     assert yaml.safe_load((out / "baseline" / "config.yaml").read_text())["optim"]["time_budget"] == "2s"
     assert not (out / ".warmup").exists()  # the throwaway step leaves nothing behind
+
+
+def test_seeds_run_every_arm_once_per_seed_and_report_the_spread(tmp_path, c4_pretrain_args, capsys):
+    base = _base(c4_pretrain_args)
+    spec = _write(tmp_path / "spec.yaml", {"base": base, "budget": 3, "seeds": [0, 1], "arms": {"baseline": []}})
+    out = tmp_path / "out"
+    assert main(["ablate", str(spec), "--out", str(out)]) == 0
+    first = capsys.readouterr().out
+    assert "training arm baseline seed 0" in first and "training arm baseline seed 1" in first
+    for seed in (0, 1):
+        assert yaml.safe_load((out / "baseline" / f"seed-{seed}" / "config.yaml").read_text())["seed"] == seed
+    before = _mtimes(out / "baseline")
+
+    # Adding an arm and a seed trains only the new runs: the finished ones keep their records.
+    _write(spec, {"base": base, "budget": 3, "seeds": [0, 1, 2], "arms": ARMS})
+    assert main(["ablate", str(spec), "--out", str(out)]) == 0
+    again = capsys.readouterr().out
+    assert again.count("finished already") == 2
+    assert "training arm baseline seed 2" in again and again.count("training arm squared_relu seed") == 3
+    assert {p: t for p, t in _mtimes(out / "baseline").items() if p in before} == before
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [0, 1, 2]
+    rows = {r["arm"]: r for r in results["arms"]}
+    assert list(rows) == ["baseline", "squared_relu"]
+    for row in rows.values():
+        assert row["seeds"] == [0, 1, 2] and row["finished"] and row["steps"] == 3
+        assert [r["seed"] for r in row["runs"]] == [0, 1, 2]
+        finals = row["final_eval_loss_per_seed"]
+        assert finals == [r["final_eval_loss"] for r in row["runs"]] and all(map(math.isfinite, finals))
+        assert len(set(finals)) == 3  # another seed: another init, data order and masking
+        assert row["final_eval_loss"] == pytest.approx(sum(finals) / 3)
+        assert row["final_eval_loss_spread"] == pytest.approx(max(finals) - min(finals))
+        assert row["best_eval_loss"] == pytest.approx(sum(row["best_eval_loss_per_seed"]) / 3)
+    # At one seed the arms share data and held-out batches; the seed is all that differs between runs.
+    configs = {(arm, s): yaml.safe_load((out / arm / f"seed-{s}" / "config.yaml").read_text())
+               for arm in ARMS for s in (0, 1, 2)}
+    for s in (0, 1, 2):
+        for key in ("data", "eval", "seed"):
+            assert configs["baseline", s][key] == configs["squared_relu", s][key], key
+    noise = results["seed_noise"]
+    assert noise["arm"] == "baseline"
+    assert noise["final_eval_loss_spread"] == rows["baseline"]["final_eval_loss_spread"] > 0
+    table = (out / "results.md").read_text()
+    assert "once per seed (0, 1, 2)" in table and "per seed (0 / 1 / 2)" in table and "Seed noise: baseline" in table
+    line = next(line for line in table.splitlines() if line.startswith("| squared_relu |"))
+    delta = rows["squared_relu"]["final_eval_loss"] - rows["baseline"]["final_eval_loss"]
+    assert " / ".join(f"{v:.4f}" for v in rows["squared_relu"]["final_eval_loss_per_seed"]) in line
+    paired = [a - b for a, b in zip(rows["squared_relu"]["final_eval_loss_per_seed"],
+                                    rows["baseline"]["final_eval_loss_per_seed"])]
+    assert f"{delta:+.4f} ({' / '.join(f'{d:+.4f}' for d in paired)})" in line
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The same directory under a spec without seeds is refused, as is the converse.
+    _write(spec, {"base": base, "budget": 3, "arms": ARMS})
+    assert main(["ablate", str(spec), "--out", str(out)]) == 2
+    assert "holds runs of a spec with seeds" in capsys.readouterr().err
+    (tmp_path / "plain" / "baseline").mkdir(parents=True)
+    (tmp_path / "plain" / "baseline" / "ablate-arm.json").write_text("{}")
+    _write(spec, {"base": base, "budget": 3, "seeds": [0], "arms": ARMS})
+    assert main(["ablate", str(spec), "--out", str(tmp_path / "plain")]) == 2
+    assert "trained by a spec without seeds" in capsys.readouterr().err
+
+
+BAD_SEEDS = [
+    ({"seeds": []}, "seeds must be a non-empty list of seeds"),
+    ({"seeds": 1}, "seeds must be a non-empty list of seeds"),
+    ({"seeds": [0, "1"]}, "seeds must be a non-empty list of seeds"),
+    ({"seeds": [-1]}, "seeds must be a non-empty list of seeds"),
+    ({"seeds": [0, 0]}, "lists a seed twice"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_SEEDS, ids=[repr(e["seeds"]) for e, _ in BAD_SEEDS])
+def test_bad_seeds_are_refused(tmp_path, c4_pretrain_args, capsys, extra, message):
+    path = _write(tmp_path / "spec.yaml", {"base": _base(c4_pretrain_args), "budget": 3, "arms": ARMS, **extra})
+    assert main(["ablate", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and message in err, err
+
+
+def test_base_seed_with_seeds_is_refused(tmp_path, c4_pretrain_args, capsys):
+    path = _write(tmp_path / "spec.yaml", {"base": [*_base(c4_pretrain_args), "seed=3"], "budget": 3,
+                                           "seeds": [0, 1], "arms": ARMS})
+    assert main(["ablate", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "base sets seed, and seeds: lists the seeds" in capsys.readouterr().err

@@ -1,5 +1,5 @@
-"""`t5forge ablate`: the spec (base overrides, a budget, the arms), each arm's state on disk, and the
-results (per-arm summary, results.json, results.md, curves.png).
+"""`t5forge ablate`: the spec (base overrides, a budget, the arms, optional seeds) and each run's
+state on disk (the results are t5forge.ablation_results').
 
 A spec is a YAML file:
 
@@ -9,22 +9,27 @@ A spec is a YAML file:
     arms:                                               # name -> its own overrides
       baseline: []
       squared_relu: [model.feed_forward=squared_relu]
+    seeds: [0, 1]                                       # optional: every arm once per seed
 
-Every arm trains into OUT/ARM with the same data, seed and evaluation settings (arms may not set
+Every arm trains into OUT/ARM (with `seeds`: once per seed, into OUT/ARM/seed-N, the seed its only
+difference) with the same data, seed and evaluation settings (arms may not set
 data.*, eval.*, seed, task or config), so their held-out NLLs are measured on the same batches.
 OUT/ARM/ablate-arm.json records what the arm was run with and whether it finished: a finished arm
-is not rerun, an unfinished one resumes (resume=auto), and one run with a different spec is refused.
-Under a duration budget an arm stops when the time or base's optim.total_steps (the schedule's
-length; the preset's when unset) runs out, whichever comes first: set total_steps high enough that
-the time decides.
+is not rerun, an unfinished one resumes (resume=auto), and one run with a different spec is refused;
+each run's record holds only its own arm's overrides (and seed), so adding an arm or a seed to a spec
+reruns nothing. With seeds the results give each arm's mean and per-seed NLLs, and the seed spread
+of the first arm (the reference) as the noise to read the differences against.
+Under a duration budget an arm stops when the time or base's optim.total_steps (the preset's when
+unset) runs out, whichever comes first, and its lr schedule runs on the share of the budget spent
+(plan.Plan.schedule_step): each arm warms up and decays within its budget, however fast it steps.
+The warmup is warmup_steps / total_steps of the time, so total_steps is best a little above the
+steps the fastest arm makes in the budget; far above, the warmup is over in the first seconds.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +37,8 @@ import yaml
 
 from t5forge.durations import format_seconds, parse_time_budget
 from t5forge.errors import T5ForgeError
-from t5forge.run_layout import METRICS, MODEL_CONFIG, MODEL_WEIGHTS, newest_model_checkpoint
 
-TOP_KEYS = ("base", "budget", "arms")
+TOP_KEYS = ("base", "budget", "arms", "seeds")
 ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 # Set by the ablation itself, for every arm alike.
 OWNED = {"out_dir": "--out DIR", "resume": "the ablation (resume=auto)", "stop_at_step": "the ablation",
@@ -44,7 +48,7 @@ SHARED_KEYS = ("seed", "task", "config")
 SHARED_SECTIONS = ("data.", "eval.")
 
 ARM_FILE = "ablate-arm.json"
-RESULTS_JSON, RESULTS_MD, CURVES = "results.json", "results.md", "curves.png"
+SEED_DIR = "seed-{}"  # OUT/ARM/seed-N: one run of an arm when the spec lists seeds
 
 
 @dataclass(frozen=True)
@@ -63,18 +67,39 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class Run:
+    """One training run: an arm, once (seed None: the base's seed) or at one of the spec's seeds."""
+    arm: str
+    seed: int | None
+    dir: Path
+
+    @property
+    def label(self) -> str:
+        return self.arm if self.seed is None else f"{self.arm} seed {self.seed}"
+
+
+@dataclass(frozen=True)
 class Spec:
     path: Path
     base: tuple[str, ...]
     budget: Budget
     arms: dict  # name -> tuple of overrides, in the file's order
+    seeds: tuple[int, ...] | None = None  # None: each arm runs once, at the base's seed
 
-    def items(self, arm: str, out: Path) -> list[str]:
-        """The pretrain items of one arm: base < budget < arm < where it runs."""
-        return [*self.base, *self.budget.items(), *self.arms[arm], f"out_dir={out / arm}", "resume=auto"]
+    def runs(self, out: Path) -> list[Run]:
+        """Every run, arm by arm (each arm's seeds together), in the file's order."""
+        if self.seeds is None:
+            return [Run(arm, None, out / arm) for arm in self.arms]
+        return [Run(arm, seed, out / arm / SEED_DIR.format(seed)) for arm in self.arms for seed in self.seeds]
 
-    def fingerprint(self, arm: str) -> dict:
-        return {"base": list(self.base), "budget": self.budget.text, "overrides": list(self.arms[arm])}
+    def items(self, run: Run) -> list[str]:
+        """The pretrain items of one run: base < seed < budget < arm < where it runs."""
+        seed = [] if run.seed is None else [f"seed={run.seed}"]
+        return [*self.base, *seed, *self.budget.items(), *self.arms[run.arm], f"out_dir={run.dir}", "resume=auto"]
+
+    def fingerprint(self, run: Run) -> dict:
+        record = {"base": list(self.base), "budget": self.budget.text, "overrides": list(self.arms[run.arm])}
+        return record if run.seed is None else {**record, "seed": run.seed}
 
 
 def _overrides(value, where: str) -> tuple[str, ...]:
@@ -107,6 +132,18 @@ def _parse_budget(value, where: str) -> Budget:
     return Budget(value.strip(), seconds=seconds)
 
 
+def _parse_seeds(value, where: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+        raise T5ForgeError(f"{where} must be a non-empty list of seeds (integers >= 0), e.g. seeds: [0, 1]; "
+                           f"got {value!r}")
+    if len(set(value)) != len(value):
+        raise T5ForgeError(f"{where} lists a seed twice: {value!r}")
+    return tuple(value)
+
+
 def load_spec(path: str | Path) -> Spec:
     """Read and check a spec's shape (its overrides are checked against the config by `arm_configs`)."""
     path = Path(path)
@@ -123,8 +160,12 @@ def load_spec(path: str | Path) -> Spec:
         raise T5ForgeError(f"{path}: unknown key(s) {', '.join(unknown)}; a spec has {', '.join(TOP_KEYS)}")
     base = _overrides(data.get("base"), f"{path}: base")
     budget = _parse_budget(data.get("budget"), f"{path}: budget")
+    seeds = _parse_seeds(data.get("seeds"), f"{path}: seeds")
     for item in base:
         key = item.partition("=")[0].strip()
+        if key == "seed" and seeds is not None:
+            raise T5ForgeError(f"{path}: base sets seed, and seeds: lists the seeds every arm runs with; "
+                               f"remove one of them")
         # Under a time budget, optim.total_steps stays the base's: the schedule's length and the step
         # cap (a run stops at whichever of the two ends first, as `t5forge pretrain` does).
         if key in OWNED and not (key == "optim.total_steps" and budget.seconds is not None):
@@ -147,23 +188,28 @@ def load_spec(path: str | Path) -> Spec:
                 raise T5ForgeError(f"{path}: arms.{name} sets {key}; every arm shares the data, seed and held-out "
                                    f"evaluation (set it in base: instead)")
         parsed[name] = items
-    return Spec(path, base, budget, parsed)
+    return Spec(path, base, budget, parsed, seeds)
 
 
-def arm_configs(spec: Spec, out: Path) -> dict:
-    """Each arm's resolved RunConfig, all checked before any arm runs."""
+def run_configs(spec: Spec, out: Path) -> dict:
+    """Each run's resolved RunConfig (Run -> config), all checked before any run trains."""
     from t5forge.config_files import load_config, with_run_dir
+    from t5forge.plan import resolve_model_config
 
     configs = {}
-    for name in spec.arms:
+    for run in spec.runs(out):
         try:
-            cfg = load_config(spec.items(name, out))
+            cfg = load_config(spec.items(run))
+            if not cfg.model.checkpoint_path:
+                # The architecture's own rules (e.g. hourglass needs a block to shorten) are checked
+                # when the model is built: here, so that a bad last arm stops the ablation before the first.
+                resolve_model_config(cfg)
         except T5ForgeError as err:
-            raise T5ForgeError(f"{spec.path}: arm {name}: {err}") from None
+            raise T5ForgeError(f"{spec.path}: arm {run.arm}: {err}") from None
         if cfg.mode != "pt":
-            raise T5ForgeError(f"{spec.path}: arm {name} resolves to a fine-tuning config (mode={cfg.mode}); "
+            raise T5ForgeError(f"{spec.path}: arm {run.arm} resolves to a fine-tuning config (mode={cfg.mode}); "
                                f"an ablation pre-trains (use a pt task in base:)")
-        configs[name] = with_run_dir(cfg, "pretrain")
+        configs[run] = with_run_dir(cfg, "pretrain")
     return configs
 
 
@@ -180,6 +226,19 @@ def arm_status(arm_dir: Path, fingerprint: dict) -> str:
         raise T5ForgeError(f"{arm_dir} was trained with another spec ({recorded.get('spec')}, now {fingerprint}); "
                            f"delete {arm_dir} to rerun that arm, or choose another --out")
     return "done" if recorded.get("finished") else "partial"
+
+
+def unseeded_conflict(spec: Spec, out: Path) -> None:
+    """Refuse seeds inside an arm directory that a spec without seeds trained (and the other way round)."""
+    for arm in spec.arms:
+        arm_dir = out / arm
+        if spec.seeds is not None and (arm_dir / ARM_FILE).is_file():
+            raise T5ForgeError(f"{arm_dir} was trained by a spec without seeds: its runs would go inside that run; "
+                               f"choose another --out, or move {arm_dir} away")
+        seeded = sorted(arm_dir.glob(SEED_DIR.format("*"))) if arm_dir.is_dir() else []
+        if spec.seeds is None and any((d / ARM_FILE).is_file() for d in seeded):
+            raise T5ForgeError(f"{arm_dir} holds runs of a spec with seeds ({seeded[0].name}, ...); add its seeds: "
+                               f"to the spec, or choose another --out")
 
 
 def write_arm_marker(arm_dir: Path, fingerprint: dict, finished: bool, memory: dict | None = None) -> None:
@@ -219,125 +278,3 @@ def peak_memory() -> dict:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         memory["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return memory
-
-
-def _latest_records(records: list[dict], kind: str) -> list[dict]:
-    """One record per step of `kind`, the last written (a resumed run may repeat steps after its checkpoint)."""
-    by_step = {r["step"]: r for r in records if r.get("kind") == kind}
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def _parameters(arm_dir: Path) -> tuple[int | None, int | None]:
-    """(parameters, active parameters: those one token uses, model/moe.py) of the arm's newest checkpoint."""
-    checkpoint = newest_model_checkpoint(arm_dir)
-    if checkpoint is None:
-        return None, None
-    from safetensors import safe_open
-
-    from t5forge.model.config import T5Config
-    from t5forge.model.moe import active_parameters
-
-    with safe_open(str(checkpoint / MODEL_WEIGHTS), "pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    config = T5Config.from_json_file(checkpoint / MODEL_CONFIG)
-    return sum(math.prod(s) for s in shapes.values()), active_parameters(shapes, config)
-
-
-def summarize(name: str, arm_dir: Path, overrides: tuple[str, ...]) -> dict:
-    """One arm's row of the results, read from its metrics.jsonl, checkpoint and ablate-arm.json."""
-    from t5forge.train.metrics_log import read_metrics
-
-    path = arm_dir / METRICS
-    if not path.is_file():
-        raise T5ForgeError(f"{path} is missing: arm {name} has not trained; run the ablation again")
-    records = read_metrics(path)
-    train = [r for r in _latest_records(records, "train") if r.get("elapsed_train_seconds") is not None]
-    evals = [r for r in _latest_records(records, "eval") if r.get("eval_loss") is not None]
-    # Eval records carry the step, not the clock: their training time is read off the train records.
-    steps = [r["step"] for r in train]
-    seconds = [r["elapsed_train_seconds"] for r in train]
-
-    def train_time(step):  # linear between logged steps; step 0 is at 0 s
-        return _interp(step, [0, *steps], [0.0, *seconds]) if train else None
-
-    curve = [[train_time(r["step"]), r["step"], r["eval_loss"]] for r in evals]
-    rates = [r["tokens_per_s"] for r in train if r.get("tokens_per_s") is not None]
-    marker = json.loads((arm_dir / ARM_FILE).read_text()) if (arm_dir / ARM_FILE).is_file() else {}
-    parameters, active = _parameters(arm_dir)
-    return {
-        "arm": name,
-        "overrides": list(overrides),
-        "run_dir": str(arm_dir),
-        "finished": bool(marker.get("finished")),
-        "parameters": parameters,
-        "active_parameters": active,  # a sparse arm's experts count top_k of num_experts
-        "tokens_per_s": statistics.median(rates) if rates else None,
-        "steps": steps[-1] if steps else 0,
-        "train_seconds": seconds[-1] if seconds else 0.0,
-        "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
-        "best_eval_loss": min(r["eval_loss"] for r in evals) if evals else None,
-        "best_eval_step": min(evals, key=lambda r: r["eval_loss"])["step"] if evals else None,
-        **marker.get("memory", {}),
-        "eval_curve": curve,  # [training seconds, step, eval_loss]
-    }
-
-
-def _interp(x, xs, ys):
-    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
-        if x0 <= x <= x1:
-            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return ys[-1]
-
-
-def _fmt(value, spec: str = ",.0f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def write_results(out: Path, spec: Spec, rows: list[dict]) -> list[Path]:
-    """OUT/results.json, OUT/results.md and OUT/curves.png."""
-    header = {"spec": str(spec.path), "base": list(spec.base), "budget": spec.budget.text,
-              "budget_means": spec.budget.describe(), "eval_loss": "held-out NLL, nats per target token",
-              "active_parameters": "the parameters one token uses: a mixture of experts counts top_k of its "
-                                   "experts (model/moe.py active_parameters); otherwise all of them",
-              "arms": rows}
-    (out / RESULTS_JSON).write_text(json.dumps(header, indent=2) + "\n")
-    measures = next((r["rss_measures"] for r in rows if r.get("rss_measures")), None)
-    lines = [
-        f"# Ablation: {spec.path.name}", "",
-        f"Budget per arm: {spec.budget.describe()}. Shared overrides: "
-        f"{' '.join(f'`{b}`' for b in spec.base) or 'none'}.", "",
-        "| arm | overrides | parameters | active parameters | tokens/s (median) | steps | training s "
-        "| final held-out NLL | best held-out NLL (step) | peak RSS MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        best = "-" if r["best_eval_loss"] is None else f"{r['best_eval_loss']:.4f} ({r['best_eval_step']})"
-        lines.append(
-            f"| {r['arm']} | {' '.join(f'`{o}`' for o in r['overrides']) or '(base)'} | {_fmt(r['parameters'])} "
-            f"| {_fmt(r['active_parameters'])} | {_fmt(r['tokens_per_s'])} | {r['steps']} | {r['train_seconds']:.1f} "
-            f"| {_fmt(r['final_eval_loss'], '.4f')} | {best} | {_fmt(r.get('peak_rss_mib'), '.0f')} |")
-    lines += ["", "NLL: held-out loss in nats per target token, on the same held-out batches for every arm. "
-              "Active parameters equal parameters for now (no arm routes tokens to a subset of its weights). "
-              f"Peak RSS: {measures or 'not measured'}.", "", f"![held-out NLL against training time]({CURVES})", ""]
-    (out / RESULTS_MD).write_text("\n".join(lines))
-    plot_curves(out / CURVES, rows, spec.budget.describe())
-    return [out / RESULTS_JSON, out / RESULTS_MD, out / CURVES]
-
-
-def plot_curves(path: Path, rows: list[dict], budget: str) -> None:
-    """Held-out NLL against training seconds, one line per arm (matplotlib's object API, as plot.py)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 4.5), dpi=120, layout="constrained")
-    ax = fig.add_subplot()
-    ax.set_title(f"held-out NLL per arm ({budget} each)")
-    ax.set_xlabel("training time (s)")
-    ax.set_ylabel("held-out NLL (nats / target token)")
-    ax.grid(True, alpha=0.3)
-    for r in rows:
-        points = [(t, loss) for t, _, loss in r["eval_curve"] if t is not None]
-        if points:
-            ax.plot([t for t, _ in points], [loss for _, loss in points], marker="o", label=r["arm"])
-    if any(r["eval_curve"] for r in rows):
-        ax.legend()
-    fig.savefig(path)

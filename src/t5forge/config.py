@@ -31,7 +31,9 @@ PRECISIONS = ("bf16", "fp32")
 MODES = ("pt", "ft")
 OBJECTIVES = ("span_corruption", "ul2")
 ATTENTIONS = ("sdpa", "eager", "flex")
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")  # model/activation_checkpointing.py MODES
 ON_NONFINITE = ("rollback", "stop")
+STRATEGIES = ("ddp", "fsdp")
 DECAYING_SCHEDULES = ("cosine", "linear")  # their warmup must end before the run does
 
 
@@ -79,6 +81,11 @@ class ModelConfig:
                                                "activations while training on CPU (model/fast/compiled.py); null = on "
                                                "there for a residual stream (micro-batch x input length x "
                                                "d_model) of 400k+ elements, unless model.compile")
+    activation_checkpointing: str = _key("none", "recompute activations in the backward instead of keeping them, per "
+                                         "block (model/activation_checkpointing.py): none = keep all; full = every "
+                                         "block of each stack keeps only its input (least memory, one more forward "
+                                         "of every block); selective = every other block (blocks 0, 2, 4, ...: about "
+                                         "half the saving for half the recompute)", one_of(*ACTIVATION_CHECKPOINTING))
     attention: str = _key("sdpa", "attention back end (flex: FlexAttention, GPU training)",
                           one_of(*ATTENTIONS))
     dropout_rate: float = _key(0.0, "dropout everywhere (nanoT5 overwrites T5's 0.1 with 0.0)", within("[0, 1)"))
@@ -271,6 +278,17 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    strategy: str = _key("ddp", "data parallelism under torchrun: ddp = a full replica per rank, gradients "
+                         "all-reduced; fsdp = FSDP2 (fully_shard per block): weights, gradients and optimizer state "
+                         "sharded over the ranks (bf16: bf16 compute, fp32 weights and reductions), for models whose "
+                         "replica and optimizer state do not fit one device", one_of(*STRATEGIES))
+    fsdp_reshard_after_forward: bool = _key(True, "fsdp: free each block's gathered weights after its forward and "
+                                            "gather them again for the backward (less memory); false keeps them "
+                                            "until the backward (less communication)")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     mode: str = _key("pt", "pt (pre-training) | ft (fine-tuning); set by the presets", one_of(*MODES))
     seed: int = _key(2137, "random seed (model init, data order, span corruption)")
@@ -290,6 +308,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 # ---------------------------------------------------------------------------------- schema walking

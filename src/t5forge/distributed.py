@@ -1,4 +1,5 @@
-"""torch.distributed setup for `torchrun` launches: rank/world from the environment, DDP wrapping.
+"""torch.distributed setup for `torchrun` launches: rank/world from the environment, DDP or FSDP2
+wrapping (`distributed.strategy`), and what the training step asks of either wrapper.
 
 A single process (no `torchrun`) is world size 1 and nothing here touches torch.distributed, so the
 CPU path and the tests never need a process group. It sits at the package's top level, below every
@@ -69,6 +70,11 @@ def host_max(flags: list[float], world: World) -> list[float]:
     return t.tolist()
 
 
+def any_rank(flag: bool, world: World) -> bool:
+    """Whether `flag` holds on some rank (one host-side all-reduce; `flag` in a single process)."""
+    return bool(host_max([float(flag)], world)[0])
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
@@ -81,6 +87,72 @@ def wrap_ddp(model: torch.nn.Module, world: World, device: torch.device) -> torc
 
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
+
+
+def shard_fsdp(model: torch.nn.Module, world: World, precision: str, reshard_after_forward: bool = True):
+    """FSDP2 (`fully_shard`) over all ranks: each block of every stack (the encoder's, the decoder's,
+    an hourglass encoder's: any module's `blocks` list) is one unit, gathered for its forward and
+    backward; the root unit holds the rest (embedding, LM head, final norms, position biases).
+    A tied LM head is the embedding's own parameter, so it is sharded once and stays tied.
+    bf16: the gathered weights are bf16 copies of the fp32 shards the optimizer updates, and
+    gradients are reduce-scattered in fp32. Call after the speed twins are swapped in (model/fast/):
+    fully_shard swaps each unit's class for a subclass of it. The model keeps its type and state_dict
+    names; its parameters become DTensors sharded on dim 0."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    if not world.distributed:
+        return model
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if precision == "bf16" else MixedPrecisionPolicy())
+    blocks = [block for module in model.modules() if isinstance(getattr(module, "blocks", None), torch.nn.ModuleList)
+              for block in module.blocks]
+    for block in blocks:
+        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        # Entry points other than forward gather the weights too: the block twin's fused-residual
+        # call (model/fast/stack.py), which its stack calls instead of forward.
+        for method in FSDP_FORWARD_METHODS:
+            if hasattr(block, method):
+                register_fsdp_forward_method(block, method)
+    # The root's weights (embedding, LM head) are used again right after the forward, by the loss:
+    # fully_shard keeps a root unit's gathered weights until the backward.
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+# Methods that run a block's weights without its forward: FSDP gathers the weights around them too.
+FSDP_FORWARD_METHODS = ("forward_pending",)
+
+
+def is_fsdp(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def micro_step_sync(model: torch.nn.Module, core: torch.nn.Module, last: bool):
+    """The context a micro-step's forward and backward run in: gradients are reduced over the ranks
+    on the last micro-step of an optimizer step only. DDP: `no_sync()` before the last. FSDP2: the
+    earlier micro-steps keep their gradients unsharded and local (no reduce-scatter) and keep the
+    gathered weights (no reshard after the backward, so no second all-gather); the last one reduces
+    the accumulated gradients once and reshards. `model` is what the loop calls (DDP, compiled),
+    `core` the bare model inside it."""
+    import contextlib
+
+    if is_fsdp(core):
+        core.set_requires_gradient_sync(last)
+        core.set_reshard_after_backward(last)
+        return contextlib.nullcontext()
+    if last or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def plain_norm(norm: torch.Tensor) -> torch.Tensor:
+    """A gradient norm over sharded (DTensor) gradients is a DTensor: the plain tensor of its
+    (replicated) value, so clipping, the non-finite check and the logs treat it as any norm."""
+    from torch.distributed.tensor import DTensor
+
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def shutdown(world: World) -> None:

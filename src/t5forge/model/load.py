@@ -44,12 +44,14 @@ def unwrap(model):
         model = inner
 
 
-def save_model_dir(model, tokenizer, directory) -> Path:
-    """Write model.safetensors + model_config.json (+ tokenizer files when a tokenizer is given)."""
+def save_model_dir(model, tokenizer, directory, state_dict=None) -> Path:
+    """Write model.safetensors + model_config.json (+ tokenizer files when a tokenizer is given).
+    `state_dict`: the weights to write instead of the model's own (a sharded model's, gathered)."""
     model = unwrap(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    sd = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     write_weights(sd, directory / WEIGHTS)
     (directory / CONFIG).write_text(json.dumps(model.config.to_json_dict(), indent=2) + "\n")
     if tokenizer is not None:

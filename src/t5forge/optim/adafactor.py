@@ -17,6 +17,11 @@ For a parameter p with gradient g at step t (1-based), group lr (the relative st
 T5's "relative step" rho_t = min(1e-2, 1/sqrt(t)) is not hidden in the optimizer: it is the lr
 schedule `inverse_sqrt` with base_lr 1e-2 and warmup_steps 10000 (see optim/schedules.py), so the
 lr stays a pure function of the step like every other schedule in t5forge.
+
+Sharded parameters (FSDP2's DTensors, rows split over the ranks) run the same code: DTensor's
+reductions take each mean and RMS over the whole parameter, so the column statistics, RMS(U) and
+RMS(p) are the unsharded ones (the factored statistics are kept replicated: they are small).
+tests/distributed/test_sharded_optimizers.py holds this equal to one process on uneven shards.
 """
 
 import torch

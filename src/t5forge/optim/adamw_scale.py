@@ -8,11 +8,16 @@ For a parameter p with gradient g, at step t (1-based), lr and weight decay wd o
     p = p - lr * wd * p                   # decoupled decay, after the update, not scaled by RMS
 
 Scaling by RMS(p) makes base_lr a relative step size, which is why nanoT5 trains T5 with lr 2e-2.
+
+Sharded parameters (FSDP2's DTensors, each rank holding rows of the weight): RMS(p) is the whole
+parameter's, not the shard's (the shards' squared norms are summed over the ranks); the rest of
+the update is elementwise and runs on each rank's shard.
 """
 
 import math
 
 import torch
+import torch.distributed as dist
 
 
 class AdamWScale(torch.optim.Optimizer):
@@ -85,12 +90,12 @@ class AdamWScale(torch.optim.Optimizer):
             if found_inf is not None:
                 _masked_foreach_update(params, grads, exp_avgs, exp_avg_sqs, steps, group, found_inf)
                 if group["weight_decay"] > 0.0:
-                    torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"] * (1.0 - found_inf))
+                    torch._foreach_mul_(_local(params), 1.0 - group["lr"] * group["weight_decay"] * (1.0 - found_inf))
                 continue
             update = {"fused": _fused_update, "foreach": _foreach_update, "loop": _loop_update}[implementation]
             update(params, grads, exp_avgs, exp_avg_sqs, steps, group)
             if group["weight_decay"] > 0.0:
-                torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
+                torch._foreach_mul_(_local(params), 1.0 - group["lr"] * group["weight_decay"])
         return loss
 
 
@@ -101,8 +106,38 @@ def _step_size(group, t) -> float:
 
 
 def _rms(p: torch.Tensor) -> torch.Tensor:
+    """RMS of the whole parameter; a DTensor's norm is reduced over its shards (a DTensor result)."""
     wide = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else None
     return torch.linalg.vector_norm(p, dtype=wide) / math.sqrt(p.numel())
+
+
+def _local(tensors: list) -> list:
+    """Each DTensor's shard on this rank (the same storage: in-place updates reach the DTensor)."""
+    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+
+
+def _full_norms(params: list, dtype: torch.dtype) -> list:
+    """The L2 norm of each whole parameter, as plain 0-d tensors on its device. A parameter sharded
+    on one mesh dimension (FSDP2: Shard(0)) sums its shards' squared norms over that dimension's
+    ranks, one all-reduce for all such parameters; any other DTensor layout goes through DTensor's
+    own norm."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    norms = list(torch._foreach_norm(_local(params), 2, dtype=dtype))
+    sharded = {}
+    for i, p in enumerate(params):
+        if not isinstance(p, DTensor):
+            continue
+        if p.device_mesh.ndim == 1 and isinstance(p.placements[0], Shard):
+            sharded.setdefault(p.device_mesh, []).append(i)
+        elif any(not placement.is_replicate() for placement in p.placements):
+            norms[i] = torch.linalg.vector_norm(p, dtype=dtype).full_tensor()
+    for mesh, indices in sharded.items():
+        squares = torch.stack([norms[i] for i in indices]).square_()
+        dist.all_reduce(squares, group=mesh.get_group())
+        for i, square in zip(indices, squares.sqrt_()):
+            norms[i] = square
+    return norms
 
 
 def _loop_update(params, grads, exp_avgs, exp_avg_sqs, steps, group) -> None:
@@ -121,11 +156,12 @@ def _foreach_update(params, grads, exp_avgs, exp_avg_sqs, steps, group) -> None:
     through tensor-list foreach ops (`_foreach_addcdiv_` with a tensor of scalars would copy them
     to the host; `_foreach_mul_` with a list of tensors does not)."""
     beta1, beta2 = group["betas"]
-    # All RMS values before the update, in one kernel. Accumulated in fp32 (fp64 for fp64
-    # parameters), as _rms does for half-precision ones.
+    # All RMS values before the update, in one kernel (and one all-reduce for sharded parameters).
+    # Accumulated in fp32 (fp64 for fp64 parameters), as _rms does for half-precision ones.
     wide = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-    scales = torch._foreach_norm(params, 2, dtype=wide)
-    torch._foreach_div_(scales, [math.sqrt(p.numel()) for p in params])
+    scales = _full_norms(params, wide)
+    torch._foreach_div_(scales, [math.sqrt(p.numel()) for p in params])  # the whole parameter's numel
+    params, grads, exp_avgs, exp_avg_sqs = (_local(x) for x in (params, grads, exp_avgs, exp_avg_sqs))
     torch._foreach_clamp_min_(scales, 1e-3)
     torch._foreach_mul_(scales, [-_step_size(group, t) for t in steps])  # host scalars: kernel arguments
     scales = [s.to(p.dtype) for s, p in zip(scales, params)]
@@ -147,10 +183,11 @@ def _masked_foreach_update(params, grads, exp_avgs, exp_avg_sqs, steps, group, f
     beta1, beta2 = group["betas"]
     keep = 1.0 - found_inf
     skip = found_inf.bool()
-    grads = [torch.where(skip, 0.0, g) for g in grads]
     wide = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-    scales = torch._foreach_norm(params, 2, dtype=wide)
+    scales = _full_norms(params, wide)
     torch._foreach_div_(scales, [math.sqrt(p.numel()) for p in params])
+    params, grads, exp_avgs, exp_avg_sqs = (_local(x) for x in (params, grads, exp_avgs, exp_avg_sqs))
+    grads = [torch.where(skip, 0.0, g) for g in grads]
     torch._foreach_clamp_min_(scales, 1e-3)
     if group["correct_bias"]:
         # Out of place (.to may return the state's own tensor); t >= 1: a skipped first step has
@@ -188,8 +225,10 @@ def _fused_update(params, grads, exp_avgs, exp_avg_sqs, steps, group) -> None:
     per step for t5-v1.1-small (77M parameters) on 2 CPU cores. One call per parameter, as the
     learning rate differs per parameter; on CPU the RMS as a Python float costs no sync."""
     (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
-    for p, grad, exp_avg, exp_avg_sq, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
-        rms = max(1e-3, float(_rms(p)))
+    wide = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    rms_all = [max(1e-3, float(norm) / math.sqrt(p.numel())) for norm, p in zip(_full_norms(params, wide), params)]
+    params, grads, exp_avgs, exp_avg_sqs = (_local(x) for x in (params, grads, exp_avgs, exp_avg_sqs))
+    for p, grad, exp_avg, exp_avg_sq, t, rms in zip(params, grads, exp_avgs, exp_avg_sqs, steps, rms_all):
         torch._fused_adamw_(
             [p], [grad], [exp_avg], [exp_avg_sq], [], [torch.tensor(float(t))],
             lr=lr * rms, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps / math.sqrt(1.0 - beta2**t),

@@ -27,13 +27,13 @@ process holding the run directory's lock (run_lock.py) removes or renames anythi
 
 Distributed runs: every rank calls `save`; the per-rank RNG and data-loader states are gathered to
 rank 0, which alone writes, then all ranks meet at a barrier. The model is saved from rank 0's
-replica (DDP keeps replicas identical), so it is one copy whatever the world size. data.pt and
-rng.pt record the world size that wrote them (and the loader's state its data.num_workers and
-batch size): a run resumed on another number of processes hands every rank's states to the loader,
-which re-deals the data position (data/redeal.py), and reseeds the RNG streams
-(checkpoint_parts.RNGStreams). FSDP would need the full state dicts gathered before the
-write (`torch.distributed.checkpoint.state_dict.get_model_state_dict` /
-`get_optimizer_state_dict` with `full_state_dict=True`) in `_write`, and broadcast on load.
+replica (DDP keeps replicas identical); a sharded (FSDP) model's and optimizer's full state dicts
+are first gathered to rank 0 (the parts' `stage()`, checkpoint_parts.py), so the files are the same
+as a single process's, and every rank loads its shards from them: one copy whatever the world size.
+data.pt and rng.pt record the world size that wrote them (and the loader's state its
+data.num_workers and batch size): a run resumed on another number of processes hands every rank's
+states to the loader, which re-deals the data position (data/redeal.py), and reseeds the RNG
+streams (checkpoint_parts.RNGStreams).
 """
 
 from __future__ import annotations
@@ -196,9 +196,17 @@ class Checkpointer:
         # Collective: every rank's per-rank states, in the same order on every rank.
         gathered = {name: self.gather(part.state_dict()) for name, part in parts.items()
                     if not stores_itself(part) and getattr(part, "per_rank", False)}
+        # Collective too: a sharded model's and optimizer's full state, gathered to rank 0.
+        staged = [part for part in parts.values() if hasattr(part, "stage")]
         final = self.root / step_dir_name(step)
-        if self.rank == 0:
-            self._write(final, parts, gathered, step)
+        try:
+            for part in staged:
+                part.stage()
+            if self.rank == 0:
+                self._write(final, parts, gathered, step)
+        finally:
+            for part in staged:
+                part.unstage()
         self.barrier()
         return final
 
@@ -288,7 +296,7 @@ def load(
     state, rng_state, data_state = TrainState(), Value(), Value()
     parts = {"model": ModelPart(model)}
     if optimizer is not None:
-        parts["optimizer"] = OptimizerPart(optimizer)
+        parts["optimizer"] = OptimizerPart(optimizer, model)
     parts.update(train_state=TrainStatePart(state), rng=PerRank(rng_state, weights_only=True),
                  data=PerRank(data_state))
     path = Path(path)

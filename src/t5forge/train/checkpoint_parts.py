@@ -18,6 +18,14 @@ How a part is stored:
   tokenizer files), the optimizer (optimizer.pt), the train state (train_state.json) and the run
   config (config.yaml). Their formats are those of every checkpoint t5forge wrote before parts
   existed, so old checkpoints load unchanged.
+
+Sharded runs (distributed.strategy=fsdp): the model and optimizer parts hold DTensor shards. Before
+rank 0 writes, every rank calls `stage()`: the full (unsharded) state dicts are gathered to rank 0's
+CPU (torch.distributed.checkpoint.state_dict, full_state_dict=True), and written in the same format
+as a single process's, the optimizer's keyed by parameter index as `optimizer.state_dict()` keys it.
+So a checkpoint of N sharded ranks is a plain checkpoint: `t5forge export`, `load_model` and a
+single process read it, and loading it into a sharded model (every rank reads the full files and
+keeps its shards) works for any number of ranks.
 """
 
 from __future__ import annotations
@@ -136,6 +144,19 @@ class RNGStreams:
             self.reseed(len(states))
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether the model's parameters are DTensor shards (FSDP2's fully_shard)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in unwrap_model(model).parameters())
+
+
+def _full_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
 class ModelPart:
     """The weights as a t5forge model directory (so a checkpoint is loadable by `load_model`)."""
 
@@ -143,18 +164,30 @@ class ModelPart:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None):
         self.model, self.tokenizer = model, tokenizer
+        self._staged: dict | None = None
+
+    def stage(self) -> None:
+        """Every rank, before rank 0 writes: a sharded model's full weights, gathered to rank 0's CPU
+        (a collective; the other ranks keep nothing). A no-op for a plain model."""
+        if is_sharded(self.model):
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+            self._staged = get_model_state_dict(unwrap_model(self.model), options=_full_options(cpu_offload=True))
+
+    def unstage(self) -> None:
+        self._staged = None
 
     def state_dict(self) -> dict:
-        return unwrap_model(self.model).state_dict()
+        return self._staged if self._staged is not None else unwrap_model(self.model).state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        unwrap_model(self.model).load_state_dict(state, strict=True)
+        load_full_weights(self.model, state)
 
     def nbytes(self) -> int:
         return tensor_bytes(self.state_dict())
 
     def save_files(self, directory: Path) -> None:
-        save_model_dir(unwrap_model(self.model), self.tokenizer, directory)
+        save_model_dir(unwrap_model(self.model), self.tokenizer, directory, state_dict=self._staged)
 
     def load_files(self, directory: Path, map_location) -> None:
         file = directory / layout.MODEL_WEIGHTS
@@ -162,15 +195,39 @@ class ModelPart:
 
 
 class OptimizerPart:
-    """optimizer.pt: {"optimizer_class": name, "state_dict": optimizer.state_dict()}."""
+    """optimizer.pt: {"optimizer_class": name, "state_dict": optimizer.state_dict()}; a sharded
+    model's optimizer state is saved full, in the same layout (`model` names its parameters)."""
 
     checkpoint_files = (layout.OPTIMIZER,)
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.optimizer = optimizer
+    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None):
+        self.optimizer, self.model = optimizer, model
+        self._staged: dict | None = None
+
+    def _sharded(self) -> bool:
+        return self.model is not None and is_sharded(self.model)
+
+    def stage(self) -> None:
+        """Every rank, before rank 0 writes: a sharded model's full optimizer state on rank 0's CPU,
+        keyed by parameter index as a single process's `optimizer.state_dict()` (a collective)."""
+        if self._sharded():
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+            by_name = get_optimizer_state_dict(unwrap_model(self.model), self.optimizer,
+                                               options=_full_options(cpu_offload=True))
+            self._staged = _indexed(by_name, self._names(), self.optimizer) if by_name else {}
+
+    def unstage(self) -> None:
+        self._staged = None
+
+    def _names(self) -> list[str]:
+        """The parameter names in the optimizer's order: the index a state_dict gives each one."""
+        names = {p: n for n, p in unwrap_model(self.model).named_parameters()}
+        return [names[p] for group in self.optimizer.param_groups for p in group["params"]]
 
     def state_dict(self) -> dict:
-        return {"optimizer_class": type(self.optimizer).__name__, "state_dict": self.optimizer.state_dict()}
+        state = self._staged if self._staged is not None else self.optimizer.state_dict()
+        return {"optimizer_class": type(self.optimizer).__name__, "state_dict": state}
 
     def load_state_dict(self, state: dict, source: str = "the checkpoint's optimizer state") -> None:
         if state["optimizer_class"] != type(self.optimizer).__name__:
@@ -179,11 +236,21 @@ class OptimizerPart:
                 f"{type(self.optimizer).__name__}; resume with the same optim.name"
             )
         try:
-            self.optimizer.load_state_dict(state["state_dict"])
-        except ValueError as err:
-            raise T5ForgeError(f"{source} does not fit this optimizer: {err}") from None
+            if self._sharded():
+                from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+                by_name = _named(state["state_dict"], self._names())
+                set_optimizer_state_dict(unwrap_model(self.model), self.optimizer, by_name, options=_full_options())
+                for group, saved in zip(self.optimizer.param_groups, state["state_dict"]["param_groups"]):
+                    group.update({k: v for k, v in saved.items() if k != "params"})  # as saved (betas a tuple)
+            else:
+                self.optimizer.load_state_dict(state["state_dict"])
+        except (ValueError, KeyError, IndexError, RuntimeError) as err:
+            raise T5ForgeError(f"{source} does not fit this optimizer: {type(err).__name__}: {err}") from None
 
     def nbytes(self) -> int:
+        if self._staged is not None:
+            return tensor_bytes(self._staged)
         return sum(tensor_bytes(state) for state in self.optimizer.state.values())
 
     def save_files(self, directory: Path) -> None:
@@ -193,6 +260,23 @@ class OptimizerPart:
         file = directory / layout.OPTIMIZER
         saved = read(file, lambda: torch.load(file, map_location=map_location, weights_only=True))
         self.load_state_dict(saved, source=str(file))
+
+
+def _indexed(by_name: dict, names: list[str], optimizer) -> dict:
+    """A state keyed by parameter names (torch.distributed.checkpoint's) keyed by index instead, with
+    the optimizer's own param_groups: what `optimizer.state_dict()` of one process holds."""
+    index = {name: i for i, name in enumerate(names)}
+    return {"state": {index[n]: v for n, v in by_name["state"].items()},
+            "param_groups": optimizer.state_dict()["param_groups"]}
+
+
+def _named(indexed: dict, names: list[str]) -> dict:
+    """The inverse of _indexed, for this optimizer's parameters (`names`, in its order)."""
+    n_saved = sum(len(g["params"]) for g in indexed["param_groups"])
+    if n_saved != len(names):
+        raise ValueError(f"it holds {n_saved} parameters and this optimizer {len(names)}")
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in indexed["param_groups"]]
+    return {"state": {names[i]: v for i, v in indexed["state"].items()}, "param_groups": groups}
 
 
 class TrainStatePart:
@@ -252,7 +336,7 @@ def run_parts(*, model, tokenizer, optimizer, train_state: TrainState, data, con
     The names are the file names of checkpoints written before parts existed."""
     return {
         "model": ModelPart(model, tokenizer),
-        "optimizer": OptimizerPart(optimizer),
+        "optimizer": OptimizerPart(optimizer, model),
         "train_state": TrainStatePart(train_state),
         "config": RunConfigText(config_text),
         "data": PerRank(data),
@@ -355,12 +439,15 @@ def load_model_weights(path: str | Path, model: torch.nn.Module, map_location=No
         raise T5ForgeError(f"{file} not found; is {path} a complete checkpoint?")
     target = unwrap_model(model)
     expected = target.state_dict()
+    sharded = is_sharded(target)
+    if sharded:
+        map_location = "cpu"  # the full tensors; each rank copies its shards to its device
     if map_location is None:
         first = next(target.parameters(), None)
         map_location = first.device if first is not None else "cpu"
     aliases: dict[tuple, list[str]] = {}
     for key, tensor in expected.items():
-        ptr = tensor.untyped_storage().data_ptr()
+        ptr = 0 if sharded else tensor.untyped_storage().data_ptr()  # a DTensor's storage is its shard's
         alias = (ptr, tensor.storage_offset(), tuple(tensor.shape)) if ptr else key  # empty tensors alias nothing
         aliases.setdefault(alias, []).append(key)
 
@@ -393,4 +480,15 @@ def load_model_weights(path: str | Path, model: torch.nn.Module, map_location=No
         present = next(k for k in group if k in tensors)
         for key in group:
             tensors.setdefault(key, tensors[present])
-    target.load_state_dict(tensors, strict=True)
+    load_full_weights(target, tensors)
+
+
+def load_full_weights(model: torch.nn.Module, tensors: dict) -> None:
+    """Load full (unsharded) weights strictly; a sharded model keeps each rank's shards of them."""
+    target = unwrap_model(model)
+    if is_sharded(target):
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(target, tensors, options=_full_options(strict=True))
+    else:
+        target.load_state_dict(tensors, strict=True)

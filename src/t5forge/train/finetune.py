@@ -191,6 +191,13 @@ class FinetuneTask(Task):
 
         cfg = run.cfg
         self.train_examples, self.eval_examples, self.eval_name = load_finetune_data(cfg, run.tokenizer)
+        if self.eval_examples and cfg.distributed.strategy == "fsdp" and run.world.distributed:
+            # Sharded weights are gathered in every forward, by every rank at once; greedy decoding
+            # takes as many forwards as its longest output, which differs by rank.
+            raise T5ForgeError(
+                "distributed.strategy=fsdp does not run fine-tuning's evaluation (greedy generation takes a "
+                "different number of decoding steps on each rank, and sharded weights need every rank in every "
+                "forward): fine-tune with distributed.strategy=ddp (the default), or without held-out data")
         run.plan = make_plan(cfg, world_size=run.world.world_size, train_examples=len(self.train_examples),
                              tokenizer_ids=run.tokenizer.vocab_size)
 

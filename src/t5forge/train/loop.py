@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import torch
 
-from t5forge.distributed import World, all_reduce_sum, host_max
+from t5forge.distributed import World, all_reduce_sum, host_max, micro_step_sync, plain_norm
 from t5forge.errors import RunStopped, T5ForgeError
 from t5forge.model import fast
 from t5forge.model.loss import TokenNLL
@@ -147,13 +147,13 @@ def train_step(model, optimizer, batches: list[dict], lr: float, *, grad_clip: f
     for i, batch in enumerate(batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in MODEL_INPUTS}
         last = i == len(batches) - 1
-        # DDP all-reduces gradients only on the last micro-step of the optimizer step.
-        sync = contextlib.nullcontext() if last or not world.distributed else model.no_sync()
+        # DDP and FSDP reduce gradients only on the last micro-step of the optimizer step.
+        sync = micro_step_sync(model, core, last) if world.distributed else contextlib.nullcontext()
         with sync:
             with autocast():
                 out = model(**batch)
                 nll = loss_fn(*core.output_projection(out.hidden), batch["labels"])
-            # DDP averages gradients over ranks; multiply back so the step's gradient is the
+            # DDP and FSDP average gradients over ranks; multiply back so the step's gradient is the
             # gradient of (all ranks' summed NLL / all ranks' target tokens) + the mean aux terms.
             total = nll * (world.world_size / n_targets)
             for name, aux in out.aux_losses.items():
@@ -166,7 +166,8 @@ def train_step(model, optimizer, batches: list[dict], lr: float, *, grad_clip: f
     loss_sum = all_reduce_sum(loss_sum, world)
     aux_mean = {name: all_reduce_sum(term, world) / world.world_size for name, term in aux_sum.items()}
     grad_norm = clip_gradients(params, grad_clip, host_reads=host_reads)
-    # The gradient norm is the same on every rank (DDP averaged the gradients), the loss all-reduced:
+    # The gradient norm is the same on every rank (DDP averaged the gradients; FSDP's norm is
+    # reduced over the shards), the loss all-reduced:
     # every rank takes the same decision.
     finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
     if host_reads:
@@ -201,7 +202,7 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float, host_reads: bool
     (read and written: twice the model's size in memory traffic); here the pass runs only when it changes something: never without
     a limit (nanoT5's fine-tuning), and with `host_reads` (default: on CPU, where reading the norm
     costs no device sync) only when the norm is over the limit."""
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+    norm = plain_norm(torch.nn.utils.get_total_norm([p.grad for p in params], 2.0))  # FSDP: over all shards
     if host_reads is None:
         host_reads = norm.device.type == "cpu"
     if max_norm > 0 and (not host_reads or max_norm / (float(norm) + 1e-6) < 1.0):

@@ -134,6 +134,11 @@ def build_and_train(cfg: RunConfig, world, task: Task) -> int:
 
     rng.seed_all(cfg.seed)  # same initial weights on every rank (a fresh model)
     run.model = build_model(cfg, run.tokenizer, device, weights, run.plan.vocab_size)
+    training = None
+    if cfg.distributed.strategy == "fsdp" and world.distributed:
+        # FSDP2 replaces the parameters by their shards: the optimizer is built on those, and a
+        # resume loads the full checkpoint into them (each rank keeps its shards).
+        training = training_model(run.model, cfg, world, device, run.plan)
     run.optimizer = build_optimizer(run.model, cfg.optim)
     lr_at = build_schedule(cfg.optim, total_steps=run.plan.total_steps)
     loader = task.train_loader(run)
@@ -149,7 +154,8 @@ def build_and_train(cfg: RunConfig, world, task: Task) -> int:
     # MFU needs the device's peak (known for GPUs, not CPUs) and the step's FLOPs: counted only then
     # (model/flops.py builds the model once more, on the meta device).
     peak = task.peak_flops(run)
-    training = training_model(run.model, cfg, world, device, run.plan)  # the speed twins swapped in (model/fast/)
+    if training is None:
+        training = training_model(run.model, cfg, world, device, run.plan)  # the speed twins swapped in (model/fast/)
     loop_parts = LoopParts(
         cfg=cfg, plan=run.plan, model=training.model, loss=training.loss,
         optimizer=run.optimizer, lr_at=lr_at, train_batches=task.batches(run, loader),

@@ -323,13 +323,17 @@ class Training(NamedTuple):
 
 def training_model(model, cfg: RunConfig, world, device, plan=None) -> Training:
     """The module the loop calls and its token loss. The plain model gets its speed twins
-    (model/fast/: `fast.apply`, which logs what it swapped and what it left plain); then it is
-    DDP-wrapped under torchrun and compiled with model.compile (null: on CUDA). On CPU without
+    (model/fast/: `fast.apply`, which logs what it swapped and what it left plain) and the
+    activation checkpointing of model.activation_checkpointing; then under torchrun it is
+    DDP-wrapped or, with distributed.strategy=fsdp, sharded in place by FSDP2 (the same module
+    object: the optimizer, built before, holds its parameters, which fully_shard replaces by
+    DTensors, so the optimizer is rebuilt on them by the caller; see run_builder.build_and_train);
+    then compiled with model.compile (null: on CUDA). On CPU without
     model.compile, the twins' elementwise stretches run compiled on their own
     (model.compile_elementwise; null: when the plan's residual stream, micro-batch x input length x
     d_model, is large enough to gain from it)."""
-    from t5forge.distributed import wrap_ddp
-    from t5forge.model import fast
+    from t5forge.distributed import shard_fsdp, wrap_ddp
+    from t5forge.model import activation_checkpointing, fast
     from t5forge.model.fast.compiled import wanted
     from t5forge.model.loss import TokenNLL
 
@@ -338,7 +342,14 @@ def training_model(model, cfg: RunConfig, world, device, plan=None) -> Training:
     elementwise = wanted(cfg.model.compile_elementwise, device, compiled, stream)
     log.info("compile: %s", compile_note(cfg.model, device, compiled, elementwise, stream))
     model, loss, _ = fast.apply(model, TokenNLL(), device=device, compiled=compiled, elementwise=elementwise)
-    wrapped = wrap_ddp(model, world, device)
+    # After the twins (the stack twin reads its blocks' exact types), before DDP / FSDP and torch.compile.
+    activation_checkpointing.apply(model, cfg.model.activation_checkpointing)
+    if cfg.distributed.strategy == "fsdp" and world.distributed:
+        wrapped = shard_fsdp(model, world, cfg.precision, cfg.distributed.fsdp_reshard_after_forward)
+        log.info("data parallel: FSDP2 over %d ranks (fully_shard per block; %s)", world.world_size,
+                 "bf16 compute, fp32 weights and reductions" if cfg.precision == "bf16" else "fp32")
+    else:
+        wrapped = wrap_ddp(model, world, device)
     if not compiled:
         return Training(wrapped, loss)
     if wrapped is not model and cfg.model.attention == "flex":
