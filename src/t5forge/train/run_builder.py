@@ -24,6 +24,7 @@ import torch
 
 from t5forge.config import RunConfig
 from t5forge.config_files import run_config_text
+from t5forge.model.memory import check_step_fits
 from t5forge.train import rng
 from t5forge.train.checkpoint import Checkpointer
 from t5forge.train.checkpoint_parts import run_parts
@@ -123,6 +124,11 @@ def build_and_train(cfg: RunConfig, world, task: Task) -> int:
 
     rng.seed_all(cfg.seed)  # same initial weights on every rank (a fresh model)
     run.model = build_model(cfg, run.tokenizer, device, weights, run.plan.vocab_size)
+    # a micro-batch too long for this device is refused here, with the numbers, not by the allocator mid-step
+    need = check_step_fits(run.model.config, run.model.num_parameters(), run.plan.micro_batch_size,
+                           run.plan.input_length, run.plan.target_length, device, precision=cfg.precision,
+                           optimizer_states=1 if cfg.optim.name == "adafactor" else 2)
+    log.info("memory: a micro-step needs about %s", need.line())
     run.optimizer = build_optimizer(run.model, cfg.optim)
     lr_at = build_schedule(cfg.optim, total_steps=run.plan.total_steps)
     loader = task.train_loader(run)
