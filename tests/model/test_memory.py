@@ -1,6 +1,8 @@
 """The step-memory estimate (model/memory.py) and the refusal it drives: a length that cannot fit is
 refused before any work with the numbers and what to do; what fits is not refused."""
 
+import re
+
 import pytest
 import torch
 
@@ -28,11 +30,11 @@ def test_blocked_attention_memory_grows_linearly_and_dense_quadratically():
 
 def test_a_length_that_cannot_fit_is_refused_with_the_numbers_and_the_way_out():
     config, params = small("eager")
-    free = available_bytes(torch.device("cpu")) / 2**30
+    assert available_bytes(torch.device("cpu")) > 0
     with pytest.raises(T5ForgeError) as error:
         check_step_fits(config, params, 8, 65536, 114, "cpu")
     message = str(error.value)
-    assert "8 x 65536 input" in message and f"{free:.0f}" in message.split("but ")[1]
+    assert "8 x 65536 input" in message and re.search(r"needs about [\d.]+ GiB .* [\d.]+ GiB is free on cpu", message)
     assert "lower the micro-batch" in message and "activation checkpointing" in message
     assert "model.attention=sdpa" in message  # the eager model is told of the blocked path
 
