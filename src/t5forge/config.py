@@ -20,15 +20,18 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 from t5forge.constraints import Rule, above, at_least, check, file_list, matches, not_blank, one_of, within
+from t5forge.data.ul2 import DEFAULT_DENOISERS, mixture_problem
 from t5forge.durations import parse_time_budget
 from t5forge.errors import T5ForgeError
-from t5forge.model.components import name_problem
+from t5forge.model.components import HF_COMPONENTS, name_problem
 
 OPTIMIZERS = ("adamwscale", "adamw", "adafactor")
 LR_SCHEDULERS = ("cosine", "legacy", "inverse_sqrt", "constant", "linear")
 PRECISIONS = ("bf16", "fp32")
 MODES = ("pt", "ft")
+OBJECTIVES = ("span_corruption", "ul2")
 ATTENTIONS = ("sdpa", "eager", "flex")
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")  # model/activation_checkpointing.py MODES
 ON_NONFINITE = ("rollback", "stop")
 DECAYING_SCHEDULES = ("cosine", "linear")  # their warmup must end before the run does
 
@@ -63,11 +66,13 @@ def _registered(kind: str):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = _key("google/t5-v1_1-base", "architecture: google/t5-v1_1-{small,base,large}, t5-small, t5-base, "
-                     "tiny, or a local HF model directory (config.json)",
+    name: str = _key("google/t5-v1_1-base", "architecture: google/t5-v1_1-{small,base,large}, "
+                     "google/t5-{small,base,large}-lm-adapt (= v1.1's), google/mt5-{small,base,large}, t5-small, "
+                     "t5-base, tiny, or a local HF T5 / mT5 / UMT5 model directory (config.json)",
                      not_blank("name an architecture or a model directory"))
-    checkpoint_path: str = _key("", "start from these weights (HF T5 dir, t5forge model/checkpoint/run dir): "
-                                "continued pre-training / fine-tuning; '' = none")
+    checkpoint_path: str = _key("", "start from these weights (HF T5 / mT5 / UMT5 dir, t5forge model/checkpoint/run "
+                                "dir): continued pre-training / fine-tuning with the checkpoint's architecture and "
+                                "vocabulary (model.* architecture overrides are refused); '' = none")
     random_init: bool = _key(True, "without checkpoint_path: true = fresh weights, false = model.name's pretrained weights")
     compile: Optional[bool] = _key(None, "torch.compile the model (bf16 + compile is the GPU recipe); null = on "
                                    "for CUDA (as nanoT5 runs), off for CPU (eager; see model.compile_elementwise)")
@@ -75,6 +80,11 @@ class ModelConfig:
                                                "activations while training on CPU (model/fast/compiled.py); null = on "
                                                "there for a residual stream (micro-batch x input length x "
                                                "d_model) of 400k+ elements, unless model.compile")
+    activation_checkpointing: str = _key("none", "recompute activations in the backward instead of keeping them, per "
+                                         "block (model/activation_checkpointing.py): none = keep all; full = every "
+                                         "block of each stack keeps only its input (least memory, one more forward "
+                                         "of every block); selective = every other block (blocks 0, 2, 4, ...: about "
+                                         "half the saving for half the recompute)", one_of(*ACTIVATION_CHECKPOINTING))
     attention: str = _key("sdpa", "attention back end (flex: FlexAttention, GPU training)",
                           one_of(*ATTENTIONS))
     dropout_rate: float = _key(0.0, "dropout everywhere (nanoT5 overwrites T5's 0.1 with 0.0)", within("[0, 1)"))
@@ -94,15 +104,23 @@ class ModelConfig:
                                                           _POSITIVE_OVERRIDE)
     feed_forward_proj: Optional[str] = _key(None, "override: relu | gated-gelu | gated-silu | gelu | ...")
     tie_word_embeddings: Optional[bool] = _key(None, "override: share input embedding and LM head")
+    model_type: Optional[str] = _key(None, "override: the checkpoint family export writes (config.json model_type): "
+                                     "t5 | mt5 (untied) | umt5 (with model.position=t5_bias_per_layer)",
+                                     one_of(*HF_COMPONENTS, note="or null to keep model.name's"))
     layer_norm_epsilon: Optional[float] = _key(None, "override: RMSNorm epsilon", above(0))
     # Components by name (model/components.py; docs/architecture.md says how to add one).
     feed_forward: Optional[str] = _key(None, "override: feed-forward component (dense = T5's; switch = "
                                        "sparse mixture of experts, Fedus et al. 2021, see model.num_experts)",
                                        _registered("feed_forward"))
     position: Optional[str] = _key(None, "override: position scheme: t5_bias = T5's learned relative bias "
-                                         "(Raffel et al. 2020); alibi = linear distance biases (Press et al. "
-                                         "2022, \"Train Short, Test Long\"); none = no position information",
+                                         "(Raffel et al. 2020); t5_bias_per_layer = a table in every layer "
+                                         "(UMT5, Chung et al. 2023); alibi = linear distance biases (Press et al. "
+                                         "2022, \"Train Short, Test Long\"); rope = rotary position embeddings, q and "
+                                         "k of self-attention rotated by position (Su et al. 2021, \"RoFormer\"; "
+                                         "needs an even d_kv); none = no position information",
                                    _registered("position"))
+    rope_theta: Optional[float] = _key(None, "override: model.position=rope: the base of the rotation frequencies, "
+                                       "theta_i = base^(-2i/d_kv); default 10000 (the paper's)", above(0))
     block: Optional[str] = _key(None, "override: block component (pre_norm = T5's; normformer = NormFormer, "
                                 "Shleifer et al. 2021: norms after attention and inside the feed-forward, "
                                 "head-wise attention scale; primer = Primer's multi-dconv-head attention, So et "
@@ -144,8 +162,8 @@ class ModelConfig:
 ARCHITECTURE_KEYS = (
     "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
     "relative_attention_num_buckets", "relative_attention_max_distance", "feed_forward_proj",
-    "tie_word_embeddings", "layer_norm_epsilon", "feed_forward", "position", "block", "encoder",
-    "hourglass_factor", "hourglass_pre", "hourglass_post",
+    "tie_word_embeddings", "model_type", "layer_norm_epsilon", "feed_forward", "position", "block", "encoder",
+    "hourglass_factor", "hourglass_pre", "hourglass_post", "rope_theta",
     "num_experts", "expert_top_k", "expert_capacity_factor", "moe_every", "router_aux_loss_coef",
     "router_z_loss_coef",
 )
@@ -162,6 +180,15 @@ class DataConfig:
     tokenizer: str = _key("google/t5-v1_1-base", "spiece.model, tokenizer.json, a directory holding one, or a Hub id",
                           not_blank("name a tokenizer (spiece.model, tokenizer.json, a directory or a Hub id)"))
     input_length: int = _key(512, "encoder tokens per pre-training example (after span corruption)", at_least(8))
+    objective: str = _key("span_corruption", "pre-training objective: span_corruption (T5's, with data.mlm_probability "
+                          "and data.mean_noise_span_length) | ul2 (UL2's mixture of denoisers, Tay et al. 2022: "
+                          "data.ul2_denoisers; adds the paradigm tokens [NLU] [NLG] [S2S] to the vocabulary)",
+                          one_of(*OBJECTIVES))
+    ul2_denoisers: List[str] = _key(list(DEFAULT_DENOISERS), "data.objective=ul2: the denoisers, each KIND:MEAN_SPAN:"
+                                    "RATE:WEIGHT for R (regular) and X (extreme) span corruption, S:RATE:WEIGHT for "
+                                    "the S (prefix LM) denoiser; weights are normalised to proportions. Default: "
+                                    "the UL2 paper's seven, S at 20%",
+                                    check("a list of denoisers like [R:3:0.15:2,X:64:0.5:1,S:0.25:3]", mixture_problem))
     mlm_probability: float = _key(0.15, "span-corruption noise density", within("(0, 1)"))
     mean_noise_span_length: float = _key(3.0, "mean corrupted span length", at_least(1.0))
     num_workers: int = _key(8, "data loader worker processes per rank", at_least(0))
@@ -192,6 +219,9 @@ class OptimConfig:
                              one_of(*ON_NONFINITE))
     rollback_lr_factor: float = _key(0.5, "each rollback multiplies the learning rate by this", within("(0, 1]"))
     max_rollbacks: int = _key(3, "stop instead of rolling back once this many rollbacks were done", at_least(0))
+    resume_optimizer: bool = _key(False, "with model.checkpoint_path a t5forge checkpoint or run: continue its "
+                                  "optimizer state and schedule step too (the data position and RNGs start afresh; "
+                                  "resume=PATH continues a run whole); false = a fresh optimizer and schedule at step 0")
     time_budget: str = _key("", "training-time budget (4h, 90m, 1h30m); drives the schedule; '' = none",
                             check("a duration (4h, 90m, 1h30m, 45s) or ''", _duration_problem))
 
@@ -399,6 +429,10 @@ CROSS_KEY_RULES = (
         c.optim.epochs <= 0 and c.optim.total_steps >= 1
         and not warmup_fits(c.optim.lr_scheduler, c.optim.warmup_steps, c.optim.total_steps),
         f"must be < optim.total_steps={c.optim.total_steps} for {c.optim.lr_scheduler}")),
+    CrossKeyRule("optim.resume_optimizer", "needs model.checkpoint_path", lambda c: _if(
+        c.optim.resume_optimizer and not c.model.checkpoint_path,
+        "takes the optimizer state of the starting checkpoint: set model.checkpoint_path (a t5forge run or "
+        "checkpoint)")),
     CrossKeyRule("optim.final_cosine", "in [0, optim.base_lr]", lambda c: _if(
         not 0 <= c.optim.final_cosine <= c.optim.base_lr, f"must be in [0, optim.base_lr={c.optim.base_lr}]")),
 )

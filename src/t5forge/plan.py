@@ -3,6 +3,7 @@
     plan = make_plan(cfg, world_size=dist.world_size)
     plan.micro_batch_size, plan.grad_acc        # per rank: micro_batch * grad_acc * world = batch_size
     plan.input_length, plan.target_length       # span corruption: 512 -> (568 raw tokens, 114 targets)
+                                                # UL2: the longest target of its denoisers (data/ul2.py)
     plan.vocab_size                             # a fresh model's embedding rows (tokenizer.vocab_size given)
     lr = lr_at(plan.schedule_step(state.step, elapsed_s))   # before each optimizer step
     if plan.should_stop(state.step, elapsed_s): ...
@@ -35,7 +36,7 @@ class Plan:
     micro_batch_size: int  # sequences per micro-step per rank
     input_length: int  # encoder tokens per example
     target_length: int  # decoder tokens per example
-    raw_input_length: Optional[int]  # pre-training: text tokens per example before span corruption
+    raw_input_length: Optional[int]  # pre-training: text tokens per example before span corruption (UL2: None)
     total_steps: int  # optimizer steps: the schedule length and the step limit
     warmup_steps: int
     time_budget_seconds: Optional[float]  # None: no budget, the step count alone drives the schedule
@@ -49,6 +50,7 @@ class Plan:
     # (or no tokenizer was given to make_plan).
     vocab_size: Optional[int] = None
     vocab_reason: str = ""
+    objective: str = ""  # pre-training with UL2: "UL2 mixture of N denoisers" (the summary says so)
 
     @property
     def time_driven(self) -> bool:
@@ -105,7 +107,8 @@ class Plan:
         lines = [
             f"batch {self.batch_size} = {self.world_size} rank(s) x {self.grad_acc} micro-step(s) x {self.micro_batch_size}",
             f"lengths: input {self.input_length}, target {self.target_length}"
-            + (f" (span corruption of {self.raw_input_length} text tokens)" if self.raw_input_length else ""),
+            + (f" (span corruption of {self.raw_input_length} text tokens)" if self.raw_input_length else "")
+            + (f" ({self.objective}; shorter targets padded)" if self.objective else ""),
             f"steps {self.total_steps} (warmup {self.warmup_steps}), {self.tokens_per_step:,} tokens per step",
             self.intervals_summary(),
         ]
@@ -187,13 +190,22 @@ def fresh_vocab_size(cfg: RunConfig, tokenizer_ids: Optional[int]) -> tuple[Opti
 
 
 def make_plan(cfg: RunConfig, world_size: int = 1, train_examples: Optional[int] = None,
-              tokenizer_ids: Optional[int] = None) -> Plan:
+              tokenizer_ids: Optional[int] = None, num_sentinels: int = 100) -> Plan:
     """Derive the plan; `train_examples` (fine-tuning) turns optim.epochs into total_steps;
-    `tokenizer_ids` (the run's tokenizer.vocab_size) sizes a fresh model's vocabulary."""
+    `tokenizer_ids` (the run's tokenizer.vocab_size) sizes a fresh model's vocabulary;
+    `num_sentinels` (the tokenizer's) sets how long UL2's span denoisers' spans must be."""
     o = cfg.optim
     micro = split_batch(o.batch_size, o.grad_acc, world_size)
 
-    if cfg.mode == "pt":
+    objective = ""
+    if cfg.mode == "pt" and cfg.data.objective == "ul2":
+        from t5forge.data.ul2 import mixture_lengths, parse_mixture
+
+        input_length, raw = cfg.data.input_length, None
+        denoisers = parse_mixture(cfg.data.ul2_denoisers)
+        target_length = mixture_lengths(input_length, denoisers, num_sentinels)[1]
+        objective = f"UL2 mixture of {len(denoisers)} denoiser{'s' if len(denoisers) > 1 else ''}"
+    elif cfg.mode == "pt":
         from t5forge.data.span_corruption import compute_input_and_target_lengths
 
         input_length = cfg.data.input_length
@@ -232,6 +244,7 @@ def make_plan(cfg: RunConfig, world_size: int = 1, train_examples: Optional[int]
         **resolve_intervals(cfg, total_steps, o.warmup_steps),
         vocab_size=vocab_size,
         vocab_reason=vocab_reason,
+        objective=objective,
     )
 
 

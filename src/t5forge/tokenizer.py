@@ -5,6 +5,12 @@ tokens counted down from the top: `<extra_id_0>` = vocab_size - 1 (32099 for T5'
 `<extra_id_99>` = 32000. Raw sentencepiece does not know the sentinels; we append them exactly as
 transformers' `T5Tokenizer(extra_ids=100)` does, so ids agree with every HF T5 checkpoint.
 
+Added tokens (UL2's paradigm tokens `[NLU]`, `[NLG]`, `[S2S]`, see `with_added_tokens`) come after
+the sentinels, so T5's 32,100 ids keep their meaning and the three take 32100..32102 (inside the
+32,128 embedding rows T5 already has). They are special: text that spells one encodes to it, as in
+transformers, and `save` lists them in `additional_special_tokens` after the sentinels, where both
+`load_tokenizer` and transformers find them at the same ids.
+
 Two back ends behind one class:
 - a SentencePiece model file (`spiece.model`): encoded with the `sentencepiece` library, i.e. the
   same segmentation T5 itself used (transformers converts it to a `tokenizers` Unigram, which
@@ -38,23 +44,29 @@ class Tokenizer:
     eos_id = 1
     unk_id = 2
 
-    def __init__(self, *, sp=None, hf=None, num_sentinels: int = NUM_SENTINELS, source: str = ""):
+    def __init__(self, *, sp=None, hf=None, num_sentinels: int = NUM_SENTINELS, added_tokens=(), source: str = ""):
         assert (sp is None) != (hf is None)
         self._sp = sp  # sentencepiece.SentencePieceProcessor
-        self._hf = hf  # tokenizers.Tokenizer (sentinels already inside)
+        self._hf = hf  # tokenizers.Tokenizer (sentinels and added tokens already inside)
         self.num_sentinels = num_sentinels
+        self.added_tokens = tuple(added_tokens)  # after the sentinels, in id order
         self.source = source
         # sentencepiece threads for encode_batch (-1: all cores); data workers set 1 to share the CPU fairly
         self.num_threads = -1
         if sp is not None:
             self._base_size = sp.get_piece_size()
-            self.vocab_size = self._base_size + num_sentinels
+            self.vocab_size = self._base_size + num_sentinels + len(self.added_tokens)
         else:
             self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
-            self._base_size = self.vocab_size - num_sentinels
+            self._base_size = self.vocab_size - num_sentinels - len(self.added_tokens)
+        # one past <extra_id_0>: the sentinels are sentinel_end - 1 - i
+        self.sentinel_end = self._base_size + num_sentinels
+        names = [re.escape(t) for t in self.added_tokens]
+        self._special_re = re.compile("|".join([_SPECIAL_RE.pattern, *names])) if names else _SPECIAL_RE
 
     def __repr__(self) -> str:
-        return f"Tokenizer({self.source!r}, vocab_size={self.vocab_size}, num_sentinels={self.num_sentinels})"
+        added = f", added_tokens={list(self.added_tokens)}" if self.added_tokens else ""
+        return f"Tokenizer({self.source!r}, vocab_size={self.vocab_size}, num_sentinels={self.num_sentinels}{added})"
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -65,17 +77,45 @@ class Tokenizer:
             raise T5ForgeError(
                 f"sentinel <extra_id_{i}> does not exist: this tokenizer has {self.num_sentinels} sentinels"
             )
-        return self.vocab_size - 1 - i
+        return self.sentinel_end - 1 - i
+
+    def is_sentinel(self, i: int) -> bool:
+        return self._base_size <= i < self.sentinel_end
+
+    def added_token_id(self, token: str) -> int:
+        if token not in self.added_tokens:
+            raise T5ForgeError(f"{token} is not in the tokenizer {self.source} (added tokens: "
+                               f"{', '.join(self.added_tokens) or 'none'})")
+        return self.sentinel_end + self.added_tokens.index(token)
+
+    def with_added_tokens(self, tokens) -> "Tokenizer":
+        """This tokenizer with `tokens` among its added tokens (after the sentinels): itself when it
+        has them already, else a copy with the missing ones appended in the order given."""
+        missing = [t for t in tokens if t not in self.added_tokens]
+        if not missing:
+            return self
+        if self._sp is not None:
+            return Tokenizer(sp=self._sp, num_sentinels=self.num_sentinels,
+                             added_tokens=self.added_tokens + tuple(missing), source=self.source)
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as HFTokenizer
+
+        hf = HFTokenizer.from_str(self._hf.to_str())
+        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+        return Tokenizer(hf=hf, num_sentinels=self.num_sentinels, added_tokens=self.added_tokens + tuple(missing),
+                         source=self.source)
 
     def _special_id(self, match: re.Match) -> int:
         if match.group(1) is not None:
             i = int(match.group(1))
-            return self.vocab_size - 1 - i if i < self.num_sentinels else -1
+            return self.sentinel_end - 1 - i if i < self.num_sentinels else -1
+        if match.group(0) in self.added_tokens:
+            return self.added_token_id(match.group(0))
         return {PAD: self.pad_id, EOS: self.eos_id, UNK: self.unk_id}[match.group(0)]
 
     def _encode_sp_with_specials(self, text: str) -> list[int]:
         ids, start = [], 0
-        for m in _SPECIAL_RE.finditer(text):
+        for m in self._special_re.finditer(text):
             special = self._special_id(m)
             if special < 0:  # <extra_id_N> beyond our sentinels: ordinary text
                 continue
@@ -95,7 +135,7 @@ class Tokenizer:
         if self._sp is not None:
             out = self._sp.encode(texts, num_threads=self.num_threads)
             for i, text in enumerate(texts):
-                if "<" in text and _SPECIAL_RE.search(text):
+                if ("<" in text or "[" in text) and self._special_re.search(text):
                     out[i] = self._encode_sp_with_specials(text)
         else:
             out = [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
@@ -105,8 +145,10 @@ class Tokenizer:
         return out
 
     def token_to_string(self, i: int) -> str:
-        if i >= self._base_size and i < self.vocab_size:
-            return f"<extra_id_{self.vocab_size - 1 - i}>"
+        if self.is_sentinel(i):
+            return f"<extra_id_{self.sentinel_end - 1 - i}>"
+        if self.sentinel_end <= i < self.vocab_size:
+            return self.added_tokens[i - self.sentinel_end]
         if self._sp is not None:
             return self._sp.id_to_piece(i)
         return self._hf.id_to_token(i)
@@ -148,12 +190,12 @@ class Tokenizer:
     def save(self, directory) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        sentinels = [f"<extra_id_{i}>" for i in range(self.num_sentinels)]
+        additional = [f"<extra_id_{i}>" for i in range(self.num_sentinels)] + list(self.added_tokens)
         if self._sp is not None:
             (directory / "spiece.model").write_bytes(self._sp.serialized_model_proto())
         else:
             self._hf.save(str(directory / "tokenizer.json"))
-        special = {"eos_token": EOS, "unk_token": UNK, "pad_token": PAD, "additional_special_tokens": sentinels}
+        special = {"eos_token": EOS, "unk_token": UNK, "pad_token": PAD, "additional_special_tokens": additional}
         config = {
             # transformers' T5Tokenizer rebuilds sentinels from `extra_ids` for spiece.model, and for a
             # tokenizer.json finds them already inside.
@@ -167,7 +209,7 @@ class Tokenizer:
 
 
 # ---------------------------------------------------------------------- loading
-def _load_spiece(path: Path, num_sentinels: int) -> Tokenizer:
+def _load_spiece(path: Path, num_sentinels: int, added_tokens=()) -> Tokenizer:
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor()
@@ -188,7 +230,7 @@ def _load_spiece(path: Path, num_sentinels: int) -> Tokenizer:
             f"{path} already contains <extra_id_N> pieces; t5forge appends T5's sentinels itself, so the "
             "SentencePiece model must not define them"
         )
-    return Tokenizer(sp=sp, num_sentinels=num_sentinels, source=str(path))
+    return Tokenizer(sp=sp, num_sentinels=num_sentinels, added_tokens=added_tokens, source=str(path))
 
 
 def _load_tokenizer_json(path: Path, num_sentinels: int) -> Tokenizer:
@@ -216,27 +258,37 @@ def _load_tokenizer_json(path: Path, num_sentinels: int) -> Tokenizer:
         )
         present = num_sentinels
         size = hf.get_vocab_size(with_added_tokens=True)
+    # tokens after <extra_id_0> are added tokens (UL2's paradigm tokens), in id order
+    end = hf.token_to_id("<extra_id_0>") + 1 if present else size
+    added = tuple(hf.id_to_token(i) for i in range(end, size))
     for i in range(present):
-        if hf.token_to_id(f"<extra_id_{i}>") != size - 1 - i:
+        if hf.token_to_id(f"<extra_id_{i}>") != end - 1 - i:
             raise T5ForgeError(
                 f"{path}: <extra_id_{i}> has id {hf.token_to_id(f'<extra_id_{i}>')}, but T5 puts it at "
-                f"vocab_size - 1 - {i} = {size - 1 - i}; the sentinels must be the top ids"
+                f"{end - 1 - i}, below <extra_id_{i - 1 if i else 0}>; the sentinels must be the top ids "
+                "(only added tokens such as [NLU] may follow them)"
             )
-    if size - present <= 3:
+    if end - present <= 3:
         raise T5ForgeError(f"{path} has only {size} tokens: too small for {present} sentinels plus a vocabulary")
-    return Tokenizer(hf=hf, num_sentinels=present, source=str(path))
+    return Tokenizer(hf=hf, num_sentinels=present, added_tokens=added, source=str(path))
 
 
-def _sentinels_from_config(directory: Path) -> int:
+def _specials_from_config(directory: Path) -> tuple[int, tuple]:
+    """(sentinels, added tokens) of a spiece.model, from the tokenizer_config.json beside it: its
+    `extra_ids`, and the `additional_special_tokens` that are not sentinels (in order)."""
     config = directory / "tokenizer_config.json"
+    sentinels, added = NUM_SENTINELS, ()
     if config.is_file():
         try:
-            value = json.loads(config.read_text()).get("extra_ids")
+            values = json.loads(config.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise T5ForgeError(f"{config} is not valid JSON ({err})") from None
+        value = values.get("extra_ids")
         if isinstance(value, int) and value >= 0:
-            return value
-    return NUM_SENTINELS
+            sentinels = value
+        listed = values.get("additional_special_tokens") or []
+        added = tuple(t for t in listed if isinstance(t, str) and not _SPECIAL_RE.fullmatch(t))
+    return sentinels, added
 
 
 def _load_path(path: Path) -> Tokenizer:
@@ -249,7 +301,7 @@ def _load_path(path: Path) -> Tokenizer:
         raise T5ForgeError(f"tokenizer file {path} is empty")
     if path.suffix == ".json":
         return _load_tokenizer_json(path, NUM_SENTINELS)
-    return _load_spiece(path, _sentinels_from_config(path.parent))
+    return _load_spiece(path, *_specials_from_config(path.parent))
 
 
 def _looks_like_path(spec: str) -> bool:

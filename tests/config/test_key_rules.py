@@ -25,6 +25,7 @@ SPECIAL_BAD = {
     "a duration (4h, 90m, 1h30m, 45s) or ''": "4 hours",
     "a registered name (model/components.py)": "nope",
     "1 or 2": 3,
+    "a list of denoisers like [R:3:0.15:2,X:64:0.5:1,S:0.25:3]": ["R:3:0.15"],
 }
 
 
@@ -98,6 +99,8 @@ CROSS_CASES = {
     "< optim.total_steps for cosine, linear": (["optim.warmup_steps=100", "optim.total_steps=100"], "optim.warmup_steps",
                                                "must be < optim.total_steps=100 for cosine"),
     "in [0, optim.base_lr]": (["optim.final_cosine=0.5"], "optim.final_cosine", "must be in [0, optim.base_lr=0.02]"),
+    "needs model.checkpoint_path": (["optim.resume_optimizer=true"], "optim.resume_optimizer",
+                                    "takes the optimizer state of the starting checkpoint"),
 }
 
 

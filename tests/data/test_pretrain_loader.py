@@ -103,9 +103,9 @@ def test_workers_serve_their_readers_round_robin(t5_tokenizer, small_corpus):
     streams = [ReaderStream(loader.source, t5_tokenizer, loader.corruption, 2, 0, r, 4, True) for r in (2, 3)]
     iters = [iter(s) for s in streams]
     for i, batch in enumerate(got):
-        inputs, targets = next(iters[i % 2])
-        assert torch.equal(batch["input_ids"], torch.from_numpy(inputs))
-        assert torch.equal(batch["labels"], torch.from_numpy(targets))
+        arrays = next(iters[i % 2])
+        assert torch.equal(batch["input_ids"], torch.from_numpy(arrays["input_ids"]))
+        assert torch.equal(batch["labels"], torch.from_numpy(arrays["labels"]))
 
 
 def test_held_out_batches_are_the_same_every_time(t5_tokenizer, c4_valid_file):
@@ -202,7 +202,7 @@ def test_shuffle_buffer_permutes_chunks_within_blocks_and_keeps_every_chunk(t5_t
     source = TextSource(files=[c4_train_file])
     corruption = SpanCorruption(vocab_size=t5_tokenizer.vocab_size, num_sentinels=100, input_length=64)
     chunks = lambda buffer: [  # noqa: E731
-        tuple(c) for c, _ in itertools.islice(ReaderStream(source, t5_tokenizer, corruption, 4, 0, 0, 1, True,
+        tuple(c) for c, _, _ in itertools.islice(ReaderStream(source, t5_tokenizer, corruption, 4, 0, 0, 1, True,
                                                            shuffle_buffer=buffer)._blocks(), 300)]
     plain, shuffled = chunks(0), chunks(100)
     for block in range(3):

@@ -1,7 +1,8 @@
-"""Tiny HF T5 reference models and t5forge twins with the same weights (imported by the model tests).
+"""Tiny HF T5 / mT5 / UMT5 reference models and t5forge twins with the same weights (imported by the
+model tests).
 
-transformers is the reference; every model is built from a config with random init (nothing is
-downloaded). transformers >= 5 always ties lm_head to the embedding at init, so an untied (v1.1)
+transformers is the reference (T5, MT5 or UMT5ForConditionalGeneration, as the config's model_type
+says); every model is built from a config with random init (nothing is downloaded). transformers >= 5 always ties lm_head to the embedding at init, so an untied (v1.1)
 reference gets its own random lm_head after construction.
 """
 
@@ -22,6 +23,13 @@ CONFIGS = {
     "deeper-decoder": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_decoder_layers=3),
     "shallower-decoder": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_layers=3,
                               num_decoder_layers=2),
+    # mT5: v1.1's math under MT5ForConditionalGeneration (its vocabulary's 250,112 rows: test_model_families.py)
+    "mt5": dict(model_type="mt5", feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+    # UMT5: a relative-bias table in every layer; 3 encoder / 2 decoder layers tell the tables apart
+    "umt5": dict(model_type="umt5", position="t5_bias_per_layer", feed_forward_proj="gated-gelu",
+                 tie_word_embeddings=False, num_layers=3, num_decoder_layers=2),
+    "umt5-tied-relu": dict(model_type="umt5", position="t5_bias_per_layer", feed_forward_proj="relu",
+                           tie_word_embeddings=True),
 }
 # transformers 5.23 sizes its generation cache by the encoder depth, so a deeper decoder fails with
 # use_cache=True there; the reference then decodes without a cache.
@@ -32,13 +40,23 @@ def t5forge_config(name, **extra) -> T5Config:
     return T5Config(**{**BASE, **CONFIGS[name], **extra})
 
 
-def hf_reference(config: T5Config, seed: int = 0):
-    """A random transformers T5ForConditionalGeneration (eager attention) for `config`."""
+# model_type -> (transformers config class, model class)
+HF_CLASSES = {"t5": ("T5Config", "T5ForConditionalGeneration"), "mt5": ("MT5Config", "MT5ForConditionalGeneration"),
+              "umt5": ("UMT5Config", "UMT5ForConditionalGeneration")}
+
+
+def hf_classes(model_type: str):
     transformers = pytest.importorskip("transformers")
+    return tuple(getattr(transformers, name) for name in HF_CLASSES[model_type])
+
+
+def hf_reference(config: T5Config, seed: int = 0):
+    """A random transformers T5/MT5/UMT5ForConditionalGeneration (eager attention) for `config`."""
+    config_class, model_class = hf_classes(config.model_type)
     torch.manual_seed(seed)
-    hf_config = transformers.T5Config(**config.to_hf_dict())
+    hf_config = config_class(**config.to_hf_dict())
     hf_config._attn_implementation = "eager"
-    hf = transformers.T5ForConditionalGeneration(hf_config)
+    hf = model_class(hf_config)
     if not config.tie_word_embeddings:
         hf.lm_head.weight = torch.nn.Parameter(torch.randn(config.vocab_size, config.d_model))
     return hf.eval()

@@ -37,8 +37,8 @@ def test_block_twin_pending_update_gives_the_plain_block_stream():
 
 
 class Doubled(PreNormBlock):  # a research block: a subclass, left plain by fast.apply
-    def forward(self, x, self_bias, enc=None, cross_bias=None, cache=None):
-        return super().forward(x, self_bias, enc, cross_bias, cache) * 0.5
+    def forward(self, x, self_bias, enc=None, cross_bias=None, cache=None, rotation=None):
+        return super().forward(x, self_bias, enc, cross_bias, cache, rotation) * 0.5
 
 
 def test_a_stack_with_a_plain_block_runs_the_plain_loop_and_the_dense_bias():

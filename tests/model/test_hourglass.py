@@ -62,7 +62,7 @@ def encoder_by_hand(stack: HourglassStack, x, mask):
 
     n_short = cfg.num_layers - stack.pre - stack.post
     for block in stack.blocks[:stack.pre]:
-        x = block(x, bias(S, mask))
+        x = block(x, bias(S, mask), rotation=stack.rotation(S))
     groups = [range(g, min(g + k, S)) for g in range(0, S, k)]
     short, short_mask = torch.zeros(B, len(groups), C), torch.zeros(B, len(groups), dtype=torch.long)
     for b in range(B):
@@ -71,16 +71,18 @@ def encoder_by_hand(stack: HourglassStack, x, mask):
             if real:
                 short[b, j], short_mask[b, j] = x[b, real].mean(0), 1
     for block in stack.blocks[stack.pre:stack.pre + n_short]:
-        short = block(short, bias(len(groups), short_mask))
+        short = block(short, bias(len(groups), short_mask), rotation=stack.rotation(len(groups)))  # 0..n-1
     x = x + torch.stack([short[:, i // k] for i in range(S)], 1)
     for block in stack.blocks[stack.pre + n_short:]:
-        x = block(x, bias(S, mask))
+        x = block(x, bias(S, mask), rotation=stack.rotation(S))
     return stack.final_norm(x)
 
 
-@pytest.mark.parametrize("k, pre, post, S", [(2, 1, 1, 8), (2, 1, 1, 11), (3, 1, 1, 11), (4, 0, 2, 9)])
-def test_the_encoder_equals_its_formula_and_keeps_the_input_length(k, pre, post, S):
-    cfg = config(hourglass_factor=k, hourglass_pre=pre, hourglass_post=post)
+@pytest.mark.parametrize("k, pre, post, S, position", [(2, 1, 1, 8, "t5_bias"), (2, 1, 1, 11, "t5_bias"),
+                                                       (3, 1, 1, 11, "t5_bias"), (4, 0, 2, 9, "t5_bias"),
+                                                       (3, 1, 1, 11, "rope")])
+def test_the_encoder_equals_its_formula_and_keeps_the_input_length(k, pre, post, S, position):
+    cfg = config(hourglass_factor=k, hourglass_pre=pre, hourglass_post=post, position=position)
     torch.manual_seed(0)
     model = T5(cfg).eval()
     assert type(model.encoder) is HourglassStack and type(model.decoder) is Stack

@@ -121,12 +121,14 @@ def test_model_config_json_keeps_the_t5forge_fields(tmp_path, monkeypatch):
     for kind, name in names.items():  # not written yet: registered here under T5's own classes
         monkeypatch.setitem(components.REGISTRIES[kind], name, components.component(kind, components.HF_T5[kind]))
     hourglass = dict(hourglass_factor=4, hourglass_pre=0, hourglass_post=2)
+    rope = dict(rope_theta=500.0)
     moe = dict(num_experts=4, expert_top_k=2, expert_capacity_factor=2.0, moe_every=1, router_aux_loss_coef=0.1,
                router_z_loss_coef=0.0)
-    c = T5Config.from_name("tiny", attention_backend="eager", feed_forward="squared_relu", **names, **hourglass, **moe)
+    c = T5Config.from_name("tiny", attention_backend="eager", feed_forward="squared_relu", **names, **hourglass, **rope,
+                             **moe)
     d = c.to_json_dict()
     assert {k: d[k] for k in T5Config.t5forge_only_fields()} == dict(
-        attention_backend="eager", feed_forward="squared_relu", **names, **hourglass, **moe)
+        attention_backend="eager", feed_forward="squared_relu", **names, **hourglass, **rope, **moe)
     (tmp_path / "model_config.json").write_text(json.dumps(d))
     assert T5Config.from_json_file(tmp_path / "model_config.json") == c
     # HF's config.json never carries them, and reading one ignores such keys

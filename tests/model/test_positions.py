@@ -1,6 +1,7 @@
 """The position schemes beside T5's learned buckets (model/positions.py): ALiBi against its formula,
-gradients through a tiny T5 with each scheme, cached generation equal to a full recompute, the
-speed twins' converter equal to the plain model, the run config choosing them, export refusing them."""
+gradients through a tiny T5 with each scheme (ALiBi, RoPE, none), cached generation equal to a full
+recompute, packed rows equal to their examples alone, the speed twins' converter equal to the plain
+model, the run config choosing them, export refusing them. RoPE's own tests: test_rope.py."""
 
 import json
 
@@ -16,10 +17,10 @@ from t5forge.model.fast.stack import FastStack
 from t5forge.model.hf import export_hf
 from t5forge.model.load import load_model
 from t5forge.model.loss import TokenNLL
-from t5forge.model.positions import ALiBi, NoPosition, alibi_slopes
+from t5forge.model.positions import ALiBi, NoPosition, RoPE, alibi_slopes
 from t5forge.model.t5 import T5
 
-SCHEMES = {"alibi": ALiBi, "none": NoPosition}
+SCHEMES = {"alibi": ALiBi, "rope": RoPE, "none": NoPosition}
 
 
 def formula(slopes, q_len, k_len, offset, causal):
@@ -92,10 +93,11 @@ def test_gradients_reach_every_parameter(scheme):
 def test_the_schemes_change_what_the_model_computes():
     # The same weights (no position parameters anywhere): only the scheme differs.
     outs = {}
-    for scheme in ("alibi", "none"):
+    for scheme in ("alibi", "rope", "none"):
         torch.manual_seed(0)
         outs[scheme] = T5(tiny_config(position=scheme))(**padded_batch()).hidden
     assert not torch.allclose(outs["alibi"], outs["none"])
+    assert not torch.allclose(outs["rope"], outs["none"]) and not torch.allclose(outs["rope"], outs["alibi"])
 
 
 @pytest.mark.parametrize("scheme", sorted(SCHEMES))
@@ -133,7 +135,7 @@ def test_export_refuses_alibi(tmp_path):
 
 
 def test_the_run_config_chooses_the_scheme(tmp_path, tiny_pretrain_args):
-    with pytest.raises(T5ForgeError, match="model.position='nope': is unknown; known: alibi, none, t5_bias"):
+    with pytest.raises(T5ForgeError, match="model.position='nope': is unknown; known: alibi, none, rope, t5_bias"):
         load_config(["task=pt_tiny", "model.position=nope"])
     assert load_config(["task=pt_tiny", "model.position=none"]).model.position == "none"
     out = tmp_path / "run"

@@ -1,5 +1,9 @@
 """`t5forge data preview`: show the span-corrupted examples a pre-training run trains on.
 
+With data.objective=ul2 every example is labelled with its denoiser (R/X span corruption, S prefix
+LM) and the header lists the mixture; `--per-denoiser N` shows N examples of each denoiser instead
+of the first -n (reading on until each has them).
+
 The items are those of `t5forge pretrain` (`task=NAME`, `config=FILE`, `a.b=value`), so
 
     t5forge data preview config=runs/my-run/config.yaml -n 3
@@ -13,7 +17,7 @@ defaults are those of `t5forge pretrain` (nanoT5's).
 
 from __future__ import annotations
 
-HELP = "preview span-corrupted pre-training examples (inputs with sentinels, targets, lengths, noise)"
+HELP = "preview span-corrupted (or UL2) pre-training examples (inputs with sentinels, targets, lengths, noise)"
 
 
 def add_arguments(parser) -> None:
@@ -36,6 +40,8 @@ def add_arguments(parser) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="data.tokenizer: spiece.model, tokenizer.json, a folder holding one, or a Hub id")
     p.add_argument("-n", "--num-examples", type=int, default=3, help="examples to show (default: 3)")
+    p.add_argument("--per-denoiser", type=int, default=0, metavar="N",
+                   help="data.objective=ul2: show N examples of each denoiser instead (read on until each has N)")
     p.add_argument("--input-length", type=int, default=None, help="data.input_length")
     p.add_argument("--noise-density", type=float, default=None, help="data.mlm_probability")
     p.add_argument("--mean-noise-span-length", type=float, default=None, help="data.mean_noise_span_length")
@@ -73,7 +79,7 @@ def preview_config(args):
 
 
 def run(args) -> int:
-    import itertools
+    from collections import Counter
 
     from t5forge.distributed import World
     from t5forge.errors import T5ForgeError
@@ -81,11 +87,12 @@ def run(args) -> int:
     from t5forge.train.pretrain import build_loader
     from t5forge.train.setup import load_run_tokenizer
 
-    if args.num_examples < 1:
-        raise T5ForgeError(f"-n must be at least 1, got {args.num_examples}")
+    if args.num_examples < 1 or args.per_denoiser < 0:
+        raise T5ForgeError(f"-n must be at least 1 and --per-denoiser at least 0, got {args.num_examples}, "
+                           f"{args.per_denoiser}")
     cfg = preview_config(args)
-    plan = make_plan(cfg)
     tok = load_run_tokenizer(cfg)
+    plan = make_plan(cfg, num_sentinels=tok.num_sentinels)
     # The run's own loader: rank 0 of a one-process run (a run on N ranks gives each rank its own slice).
     loader = build_loader(cfg, plan, tok, World(), args.split, on_decode_error=args.on_decode_error,
                           skip_option="--on-decode-error skip")
@@ -93,31 +100,70 @@ def run(args) -> int:
         raise T5ForgeError("the run has no held-out data (data.validation_files is empty); "
                            "preview --split train, or set data.validation_files")
     micro = plan.micro_batch_size
-    batches = list(itertools.islice(iter(loader), -(-args.num_examples // micro)))
     c, d = loader.corruption, cfg.data
+    ul2 = d.objective == "ul2"
+    if args.per_denoiser and not ul2:
+        raise T5ForgeError("--per-denoiser needs data.objective=ul2 (span corruption has one kind of example)")
     print(f"source: {loader.source!r}; tokenizer: {tok.source} ({tok.vocab_size} tokens)")
-    print(f"raw chunk {c.raw_length} tokens -> input {c.input_length} + target {c.target_length} "
-          f"({c.num_noise_spans} noise spans, density {d.mlm_probability}, mean span {d.mean_noise_span_length})")
+    if ul2:
+        print(f"UL2 mixture of {len(c.denoisers)} denoisers: input {c.input_length} tokens (paradigm token first), "
+              f"targets padded to {c.target_length}")
+        for line in c.describe():
+            print(f"  {line}")
+    else:
+        print(f"raw chunk {c.raw_length} tokens -> input {c.input_length} + target {c.target_length} "
+              f"({c.num_noise_spans} noise spans, density {d.mlm_probability}, mean span {d.mean_noise_span_length})")
     order = "corpus order" if args.split == "validation" or not d.shuffle_buffer else \
         f"shuffled in blocks of {d.shuffle_buffer} chunks"
     print(f"{args.split} batches of {micro} (the run's micro-batch), seed {cfg.seed}, {order}")
-    shown = 0
+    loader.extra_keys = ("denoiser",) if ul2 else ()
+    wanted = args.per_denoiser * len(c.denoisers) if args.per_denoiser else args.num_examples
+    shown, per = 0, Counter()
+    batches = iter(loader)
     for b, batch in enumerate(batches):
         for i in range(len(batch["input_ids"])):
-            if shown == args.num_examples:
-                break
+            denoiser = int(batch["denoiser"][i]) if ul2 else 0
+            if args.per_denoiser and per[denoiser] >= args.per_denoiser:
+                continue
+            per[denoiser] += 1
             shown += 1
-            inputs, labels = batch["input_ids"][i].tolist(), batch["labels"][i].tolist()
-            sentinels = sum(1 for t in labels if t >= tok.vocab_size - tok.num_sentinels)
-            noise = len(labels) - sentinels - 1  # target = sentinel + span per span, then EOS
-            print(f"\n=== batch {b} example {i}: input {len(inputs)} tokens, target {len(labels)} tokens, "
-                  f"{sentinels} spans, noise {noise}/{c.raw_length} = {noise / c.raw_length:.4f}")
-            print("--- input:")
-            print(tok.decode(inputs, skip_special_tokens=False))
-            print("--- target:")
-            print(tok.decode(labels, skip_special_tokens=False))
-    if shown < args.num_examples:
-        print(f"\nonly {shown} example(s): the data has no more")
+            _show_example(tok, c, b, i, batch, denoiser if ul2 else None)
+            if shown == wanted:
+                break
+        if shown == wanted or (not args.per_denoiser and b + 1 >= -(-args.num_examples // micro)):
+            break
+        if args.per_denoiser and b >= PER_DENOISER_BATCHES:
+            break
+    if shown < wanted:
+        print(f"\nonly {shown} example(s): the data has no more" + (" in the batches read" if args.per_denoiser else ""))
     if loader.source.skipped_undecodable:
         print(f"\nskipped {loader.source.skipped_undecodable} record(s) with undecodable bytes")
     return 0
+
+
+PER_DENOISER_BATCHES = 1000  # --per-denoiser reads at most this many batches
+
+
+def _show_example(tok, c, b: int, i: int, batch, denoiser) -> None:
+    inputs, labels = batch["input_ids"][i].tolist(), [t for t in batch["labels"][i].tolist() if t != -100]
+    if "attention_mask" in batch:
+        inputs = inputs[: int(batch["attention_mask"][i].sum())]
+    sentinels = sum(1 for t in labels if tok.is_sentinel(t))
+    head = f"\n=== batch {b} example {i}"
+    if denoiser is None:
+        noise = len(labels) - sentinels - 1  # target = sentinel + span per span, then EOS
+        print(f"{head}: input {len(inputs)} tokens, target {len(labels)} tokens, "
+              f"{sentinels} spans, noise {noise}/{c.raw_length} = {noise / c.raw_length:.4f}")
+    else:
+        spec, raw = c.denoisers[denoiser], c.raw_lengths[denoiser]
+        if spec.kind == "S":
+            what = f"prefix {len(inputs) - 2} + target {len(labels) - 1} of {raw} text tokens"
+        else:
+            noise = len(labels) - sentinels - 1
+            what = f"{sentinels} spans, noise {noise}/{raw} = {noise / raw:.4f}"
+        print(f"{head} [{spec.name} {spec.paradigm_token}]: input {len(inputs)} tokens, target {len(labels)} "
+              f"tokens, {what}")
+    print("--- input:")
+    print(tok.decode(inputs, skip_special_tokens=False))
+    print("--- target:")
+    print(tok.decode(labels, skip_special_tokens=False))

@@ -236,6 +236,11 @@ def _model_and_tokenizer(args, directory, settings, device):
     from t5forge.tokenizer import load_tokenizer
 
     model, tokenizer = load_model(directory, device=device)
+    # The speed twins, as training applies them (eager; the compiled stretches are for training only):
+    # faster, and the held-out score of a run's checkpoint is computed the way the run computed it.
+    from t5forge.model import fast
+
+    model, _, _ = fast.apply(model, device=device)
     name = args.tokenizer
     if name is None and tokenizer is None and settings is not None:
         name = settings.cfg.data.tokenizer
@@ -309,7 +314,7 @@ def _heldout(args, held, model, tokenizer, device, autocast, precision) -> dict:
     cfg, micro, requested = held
     d = cfg.data
     # pretrain's own loader and evaluator: the batches (and noise masks) the run scored
-    loader = build_loader(cfg, make_plan(cfg), tokenizer, World(), "validation")
+    loader = build_loader(cfg, make_plan(cfg, num_sentinels=tokenizer.num_sentinels), tokenizer, World(), "validation")
     metrics = held_out_evaluator(cfg, loader, model, device, autocast, World())(0)
     scored = metrics["eval_batches"]
     loss = metrics["eval_loss"]
@@ -317,9 +322,10 @@ def _heldout(args, held, model, tokenizer, device, autocast, precision) -> dict:
     metrics["eval_perplexity"] = math.exp(loss) if loss < 700 else (math.inf if loss == loss else math.nan)
     where = held_out_name(cfg)
     files = f"{len(d.validation_files)} file(s)" if d.validation_files else where
-    print(f"held-out span corruption on {files}: inputs {d.input_length} tokens, "
-          f"targets {loader.target_length}, batch size {micro}, seed {cfg.seed}, noise density "
-          f"{d.mlm_probability}, mean span {d.mean_noise_span_length}, {precision}")
+    objective = (f"UL2 mixture of {len(d.ul2_denoisers)} denoisers" if d.objective == "ul2" else
+                 f"noise density {d.mlm_probability}, mean span {d.mean_noise_span_length}")
+    print(f"held-out {'UL2' if d.objective == 'ul2' else 'span corruption'} on {files}: inputs {d.input_length} "
+          f"tokens, targets {loader.target_length}, batch size {micro}, seed {cfg.seed}, {objective}, {precision}")
     if requested is not None and scored < requested:
         print(f"scored {scored} of {requested} batches: {where} has no more")
     else:

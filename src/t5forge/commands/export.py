@@ -1,7 +1,8 @@
 """`t5forge export CHECKPOINT OUT_DIR`: write a t5forge model, checkpoint or run as an HF T5 directory.
 
 The result (config.json, model.safetensors, generation_config.json, tokenizer files) loads with
-`transformers.T5ForConditionalGeneration.from_pretrained(OUT_DIR)` and `AutoTokenizer.from_pretrained(OUT_DIR)`.
+`transformers.AutoModelForSeq2SeqLM.from_pretrained(OUT_DIR)` (T5ForConditionalGeneration, or
+MT5 / UMT5ForConditionalGeneration for those families) and `AutoTokenizer.from_pretrained(OUT_DIR)`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from t5forge.errors import T5ForgeError
 
-HELP = "Export a t5forge checkpoint (or model/run directory) as a Hugging Face T5 directory."
+HELP = "Export a t5forge checkpoint (or model/run directory) as a Hugging Face T5 (mT5, UMT5) directory."
 
 
 def add_arguments(parser) -> None:
@@ -33,7 +34,8 @@ def run(args) -> int:
     model, tokenizer = load_model(args.checkpoint, device="cpu", dtype=args.dtype)
     export_hf(model, tokenizer, out_dir)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"exported {n_params / 1e6:.1f}M parameters to {out_dir}")
+    print(f"exported {n_params / 1e6:.1f}M parameters to {out_dir} "
+          f"(model_type {model.config.model_type})")
     if tokenizer is None:
         print(f"note: {args.checkpoint} holds no tokenizer; {out_dir} has none either", file=sys.stderr)
     return 0

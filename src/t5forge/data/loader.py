@@ -1,5 +1,10 @@
 """The resumable pre-training loader: text -> tokens -> 568-token chunks -> span-corrupted batches.
 
+The objective (`corruption`) is T5's span corruption (data/span_corruption.py) or UL2's mixture of
+denoisers (data/ul2.py). With a mixture, the n-th chunk a reader cuts is as long as its denoiser
+needs, the denoiser drawn from an RNG keyed by (seed, reader, n): the chunk number follows from the
+position below, so nothing more is saved to resume.
+
 Each reader (one per data-parallel rank x dataloader worker) walks its own slice of the source
 (see `sources.reader_slice`), tokenizes documents, appends EOS to each, cuts the token stream into
 raw chunks and corrupts whole batches at once (`span_corruption`).
@@ -45,6 +50,8 @@ from t5forge.stop_signals import ignore_stop_signals
 
 DOCS_PER_ENCODE = 16  # documents tokenized per call: amortises the call, keeps the read-ahead small
 STATE_VERSION = 2
+MODEL_KEYS = ("input_ids", "attention_mask", "labels")  # what a batch hands the model
+CHOICES_PER_CALL = 256  # chunks whose denoisers are looked up at once
 
 
 class ReaderStream:
@@ -92,17 +99,23 @@ class ReaderStream:
                 )
             epoch, shard_pos, record = epoch + 1, 0, 0
 
-    def _chunks(self, epoch, shard_pos, record, offset):
-        """(raw chunk, position where the following chunk begins), from a position on.
+    def _chunks(self, epoch, shard_pos, record, offset, chunk=0):
+        """(raw chunk, its denoiser, position where the following chunk begins), from a position on;
+        `chunk`: the number of the first chunk (it picks the denoiser, and so the chunk's length).
 
         Token arrays are kept per document (a deque of (position, tokens, first unused)), so cutting a
         chunk costs the chunk, never the read-ahead: a huge document is tokenized once and sliced."""
-        raw_length = self.corruption.raw_length
+        raw_lengths = self.corruption.raw_lengths
+        choices = np.empty(0, dtype=np.int64)
         documents = self._documents(epoch, shard_pos, record)
         at = (epoch, shard_pos, record)  # position before the next document read
         queue, queued, skip = deque(), 0, offset
         exhausted = False
         while True:
+            if not len(choices):
+                choices = self.corruption.denoisers_of(self.seed, self.reader, chunk, CHOICES_PER_CALL)
+            denoiser, choices, chunk = int(choices[0]), choices[1:], chunk + 1
+            raw_length = raw_lengths[denoiser]
             while queued < raw_length and not exhausted:
                 texts, starts = [], []
                 for text, after in documents:
@@ -133,22 +146,23 @@ class ReaderStream:
                     queue.popleft()
             queued -= raw_length
             following = (*queue[0][0], queue[0][2]) if queue else (*at, 0)
-            yield np.concatenate(parts) if len(parts) > 1 else parts[0], following
+            yield np.concatenate(parts) if len(parts) > 1 else parts[0], denoiser, following
 
     def _blocks(self):
-        """(chunk, state after handing it out). Training readers permute blocks of `shuffle_buffer`
-        consecutive chunks with an RNG keyed by (seed, reader, block); the state records where the
-        block began, so a resume re-reads that block and continues at the same index."""
+        """(chunk, denoiser, state after handing it out). Training readers permute blocks of
+        `shuffle_buffer` consecutive chunks with an RNG keyed by (seed, reader, block); the state
+        records where the block began, so a resume re-reads that block and continues at the same
+        index. Every block but a held-out reader's last is full, so block b begins at chunk b x size."""
         st = dict(self.state)
         position = (st["epoch"], st["shard_pos"], st["record"], st["offset"])
         block, index = st["block"], st["index"]
         size = max(self.shuffle_buffer, 1)
-        chunks = self._chunks(*position)
+        chunks = self._chunks(*position, chunk=block * size)
         while True:
             taken = list(itertools.islice(chunks, size))
             if not taken:
                 return
-            following = taken[-1][1]
+            following = taken[-1][2]
             order = np.arange(len(taken))
             if size > 1:
                 np.random.default_rng([self.seed, self.reader, block, 2]).shuffle(order)
@@ -157,31 +171,37 @@ class ReaderStream:
                     done = (block, i + 1) if i + 1 < len(taken) else (block + 1, 0)
                     at = position if i + 1 < len(taken) else following
                 else:
-                    done, at = (block + 1, 0), taken[i][1]
-                yield taken[order[i]][0], (at, *done)
+                    done, at = (block + 1, 0), taken[i][2]
+                chunk, denoiser, _ = taken[order[i]]
+                yield chunk, denoiser, (at, *done)
             position, block, index = following, block + 1, 0
 
     def __iter__(self):
         st = self.state
-        batch = []
-        for chunk, (position, block, index) in self._blocks():
+        batch, denoisers = [], []
+        for chunk, denoiser, (position, block, index) in self._blocks():
             batch.append(chunk)
+            denoisers.append(denoiser)
             if len(batch) == self.batch_size:
                 # held-out readers get their own masks, not copies of the training readers' first ones
                 rng = np.random.default_rng([self.seed, self.reader, st["batches"], int(self.train)])
-                inputs, targets = self.corruption(np.stack(batch), rng)
-                batch = []
+                arrays = self.corruption.batch(batch, denoisers, rng)
+                batch, denoisers = [], []
                 epoch, shard_pos, record, offset = position
                 st.update(epoch=epoch, shard_pos=shard_pos, record=record, offset=offset, block=block,
                           index=index, batches=st["batches"] + 1)
-                yield inputs, targets
+                yield arrays
+
+
+def _tensors(arrays: dict, keys) -> dict:
+    return {k: torch.from_numpy(v) for k, v in arrays.items() if k in keys}
 
 
 class _WorkerDataset(torch.utils.data.IterableDataset):
     """Runs in each DataLoader worker: yields (reader, batch, reader state after it)."""
 
-    def __init__(self, streams: dict, num_workers: int, rotation: int):
-        self.streams, self.num_workers, self.rotation = streams, num_workers, rotation
+    def __init__(self, streams: dict, num_workers: int, rotation: int, keys=MODEL_KEYS):
+        self.streams, self.num_workers, self.rotation, self.keys = streams, num_workers, rotation, keys
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -194,9 +214,8 @@ class _WorkerDataset(torch.utils.data.IterableDataset):
         stream = self.streams[local]
         stream.tokenizer.num_threads = 1  # one core per worker
         try:
-            for inputs, targets in stream:
-                batch = {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(targets)}
-                yield local, batch, _copy_state(stream.state)
+            for arrays in stream:
+                yield local, _tensors(arrays, self.keys), _copy_state(stream.state)
         except T5ForgeError as err:
             # handed to the main process as a value: a worker's exception would arrive wrapped in a traceback
             yield local, None, str(err)
@@ -237,7 +256,9 @@ def _copy_state(state: dict) -> dict:
 
 
 class PretrainLoader:
-    """Iterable of dict(input_ids=LongTensor[B, input_length], labels=LongTensor[B, target_length]).
+    """Iterable of dict(input_ids=LongTensor[B, input_length], labels=LongTensor[B, target_length]),
+    with attention_mask=LongTensor[B, input_length] for UL2 (whose S-denoiser inputs are padded).
+    `extra_keys=("denoiser",)` adds each example's denoiser index (`t5forge data preview`).
 
     Training: each `iter()` continues from the current position (use one iterator at a time);
     held-out: each `iter()` starts over, so evaluation sees the same batches every time.
@@ -252,7 +273,8 @@ class PretrainLoader:
         check_value("data.shuffle_buffer", shuffle_buffer)
         self.shuffle_buffer = shuffle_buffer if train else 0
         self.input_length, self.target_length = corruption.input_length, corruption.target_length
-        self.raw_length = corruption.raw_length
+        self.raw_length = max(corruption.raw_lengths)
+        self.extra_keys = ()
         self._local_readers = max(num_workers, 1)
         self._consumed = 0  # batches handed out by this loader (training position)
         self._states = {}  # local reader -> state after its last batch handed out
@@ -281,14 +303,15 @@ class PretrainLoader:
         streams = self._streams(states)
         produced = 0
         if self.num_workers == 0:
-            for inputs, targets in streams[0]:
+            for arrays in streams[0]:
                 produced += 1
                 if record:
                     self._states[0] = _copy_state(streams[0].state)
                     self._consumed += 1
-                yield {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(targets)}
+                yield _tensors(arrays, MODEL_KEYS + tuple(self.extra_keys))
         else:
-            dataset = _WorkerDataset(streams, self.num_workers, rotation=consumed % self.num_workers)
+            dataset = _WorkerDataset(streams, self.num_workers, rotation=consumed % self.num_workers,
+                                     keys=MODEL_KEYS + tuple(self.extra_keys))
             # Its own generator: a DataLoader otherwise draws its workers' base seed from the global
             # torch RNG when iteration starts, which would shift the model's dropout stream by one
             # draw at a different step in a resumed run than in an uninterrupted one.
@@ -333,7 +356,8 @@ class PretrainLoader:
         if state["layout"] != self._layout():
             raise T5ForgeError(
                 f"cannot resume the data position: it was saved with {state['layout']} and this run has "
-                f"{self._layout()}; resume with the same data.num_workers, data.shuffle_buffer, world size, batch size and input length"
+                f"{self._layout()}; resume with the same data.num_workers, data.shuffle_buffer, world size, batch size, "
+                "input length and objective (data.objective, data.ul2_denoisers)"
             )
         changed = fingerprint_difference(state["source"], self.source.fingerprint()) if "source" in state else ""
         if changed and not self.allow_changed_files:
@@ -351,11 +375,15 @@ class PretrainLoader:
         self._states = {int(k): _copy_state(v) for k, v in state["readers"].items()}
 
     def _layout(self) -> dict:
-        return {
+        layout = {
             "rank": self.rank, "world_size": self.world_size, "num_workers": self.num_workers,
             "batch_size": self.batch_size, "raw_length": self.raw_length, "seed": self.seed,
             "shuffle_buffer": self.shuffle_buffer,
         }
+        objective = self.corruption.layout()  # None for span corruption: its positions read as before
+        if objective is not None:
+            layout["objective"] = objective
+        return layout
 
 
 def build_pretrain_loader(
@@ -370,6 +398,8 @@ def build_pretrain_loader(
     input_length: int = 512,
     noise_density: float = 0.15,
     mean_noise_span_length: float = 3.0,
+    objective: str = "span_corruption",
+    ul2_denoisers=(),
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
@@ -380,7 +410,8 @@ def build_pretrain_loader(
     allow_changed_files: bool = False,
     shuffle_buffer: int = 0,
 ) -> PretrainLoader:
-    """Span-corruption batches from local `files` (if any) or the Hub `dataset`; see the module docstring."""
+    """Span-corruption (or, objective="ul2", UL2 mixture: `ul2_denoisers`, default the paper's) batches
+    from local `files` (if any) or the Hub `dataset`; see the module docstring."""
     from t5forge.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer)
@@ -389,10 +420,17 @@ def build_pretrain_loader(
     if not 0 <= rank < world_size:
         raise T5ForgeError(f"rank {rank} is not in [0, world_size={world_size})")
     check_value("data.num_workers", num_workers)
-    corruption = SpanCorruption(
-        vocab_size=tokenizer.vocab_size, num_sentinels=tokenizer.num_sentinels, eos_id=tokenizer.eos_id,
-        input_length=input_length, noise_density=noise_density, mean_noise_span_length=mean_noise_span_length,
-    )
+    check_value("data.objective", objective)
+    if objective == "ul2":
+        from t5forge.data.ul2 import ALL_PARADIGM_TOKENS, DEFAULT_DENOISERS, build_mixture
+
+        tokenizer = tokenizer.with_added_tokens(ALL_PARADIGM_TOKENS)  # the run's tokenizer has them already
+        corruption = build_mixture(tokenizer, input_length, list(ul2_denoisers) or list(DEFAULT_DENOISERS))
+    else:
+        corruption = SpanCorruption(
+            vocab_size=tokenizer.sentinel_end, num_sentinels=tokenizer.num_sentinels, eos_id=tokenizer.eos_id,
+            input_length=input_length, noise_density=noise_density, mean_noise_span_length=mean_noise_span_length,
+        )
     source = TextSource(
         dataset=dataset, dataset_config=dataset_config, files=files, split=split, text_field=text_field,
         on_decode_error=on_decode_error, skip_option=skip_option,

@@ -47,6 +47,24 @@ def compute_input_and_target_lengths(inputs_length: int, noise_density: float, m
     return tokens_length, targets_length
 
 
+def smallest_mean_span(input_length: int, noise_density: float, num_sentinels: int, start: float = 1.0):
+    """The smallest mean span (a multiple of 0.1, from `start` on) whose span corruption of
+    `input_length` tokens needs at most `num_sentinels` sentinels; None when even the longest fails."""
+
+    def fits(tenths: int) -> bool:
+        span = tenths / 10
+        raw, _ = compute_input_and_target_lengths(input_length, noise_density, span)
+        return noise_span_counts(raw, noise_density, span)[1] <= num_sentinels
+
+    low, high = max(10, int(np.ceil(start * 10))), 10 * (input_length + 1)
+    if num_sentinels < 1 or not fits(high):
+        return None
+    while low < high:  # fewer spans as the mean span grows
+        middle = (low + high) // 2
+        low, high = (middle + 1, high) if not fits(middle) else (low, middle)
+    return low / 10
+
+
 def noise_span_counts(length: int, noise_density: float, mean_noise_span_length: float):
     """(num_noise_tokens, num_noise_spans) for a chunk, rounded in float64, half to even.
 
@@ -109,7 +127,9 @@ def _replace_spans(tokens: np.ndarray, span_mask: np.ndarray, vocab_size: int, e
 class SpanCorruption:
     """Turns (B, raw_length) token chunks into (inputs (B, input_length), targets (B, target_length))."""
 
-    vocab_size: int  # tokenizer size incl. sentinels: <extra_id_i> = vocab_size - 1 - i
+    # one past <extra_id_0>: <extra_id_i> = vocab_size - 1 - i (Tokenizer.sentinel_end; the tokenizer's size
+    # unless it has added tokens after the sentinels)
+    vocab_size: int
     num_sentinels: int
     eos_id: int = 1
     input_length: int = 512
@@ -137,10 +157,16 @@ class SpanCorruption:
                 f"mean span {self.mean_noise_span_length}: use a longer input"
             )
         if num_spans > self.num_sentinels:
+            # Refused rather than adapted: a silently longer span would be another objective than the
+            # one configured (and T5 itself would run out of sentinels into ordinary token ids).
+            span = smallest_mean_span(self.input_length, self.noise_density, self.num_sentinels,
+                                      self.mean_noise_span_length)
+            longer = f"data.mean_noise_span_length={span:g} or more (longer spans, as UL2's denoisers use), " if span else ""
             raise T5ForgeError(
-                f"span corruption of {self.input_length} input tokens needs {num_spans} sentinels but the tokenizer "
-                f"has only {self.num_sentinels}: use a shorter data.input_length, a longer "
-                "data.mean_noise_span_length, or a tokenizer with more sentinels (--extra-ids)"
+                f"span corruption of {self.input_length} input tokens (noise density {self.noise_density}, mean span "
+                f"{self.mean_noise_span_length:g}) needs {num_spans} sentinels but the tokenizer has only "
+                f"{self.num_sentinels}: use {longer}a tokenizer with at least {num_spans} sentinels (`t5forge tokenizer "
+                f"train --extra-ids {num_spans}`), or a shorter data.input_length"
             )
         object.__setattr__(self, "raw_length", raw)
         object.__setattr__(self, "target_length", targets)
@@ -156,3 +182,19 @@ class SpanCorruption:
         inputs = _replace_spans(chunks, mask, self.vocab_size, self.eos_id)
         targets = _replace_spans(chunks, ~mask, self.vocab_size, self.eos_id)
         return inputs, targets
+
+    # The pre-training loader's objective interface (data/loader.py; data/ul2.py has a mixture):
+    # one kind of example, so every chunk has the same raw length and the data position no new part.
+    @property
+    def raw_lengths(self) -> tuple:
+        return (self.raw_length,)
+
+    def denoisers_of(self, seed: int, reader: int, first: int, count: int) -> np.ndarray:
+        return np.zeros(count, dtype=np.int64)
+
+    def batch(self, chunks, denoisers, rng: np.random.Generator) -> dict:
+        inputs, targets = self(np.stack(chunks), rng)
+        return {"input_ids": inputs, "labels": targets}
+
+    def layout(self):
+        return None

@@ -2,7 +2,7 @@
 
     kind          T5Config field   default      HF's T5
     feed-forward  feed_forward     "dense"      yes
-    position      position         "t5_bias"    yes (alibi, none: no)
+    position      position         "t5_bias"    yes (t5_bias_per_layer: UMT5's; alibi, rope, none: no)
     block         block            "pre_norm"   yes
     encoder       encoder          "stack"      yes (hourglass: no)
 
@@ -27,7 +27,9 @@ FEED_FORWARDS = {
 }
 POSITIONS = {
     "t5_bias": "t5forge.model.t5:T5RelativeBias",
+    "t5_bias_per_layer": "t5forge.model.per_layer_bias:PerLayerRelativeBias",
     "alibi": "t5forge.model.positions:ALiBi",
+    "rope": "t5forge.model.positions:RoPE",
     "none": "t5forge.model.positions:NoPosition",
 }
 BLOCKS = {
@@ -41,8 +43,12 @@ ENCODERS = {
 }
 
 REGISTRIES = {"feed_forward": FEED_FORWARDS, "position": POSITIONS, "block": BLOCKS, "encoder": ENCODERS}
-# What transformers' T5 can express, kind by kind (model/hf.py refuses to export anything else).
+# What transformers' T5 (and MT5) can express, kind by kind (model/hf.py refuses to export anything else);
+# UMT5 is T5 with a relative-bias table in every layer.
 HF_T5 = {"feed_forward": "dense", "position": "t5_bias", "block": "pre_norm", "encoder": "stack"}
+HF_UMT5 = {**HF_T5, "position": "t5_bias_per_layer"}
+# The components of each checkpoint family (T5Config.model_type).
+HF_COMPONENTS = {"t5": HF_T5, "mt5": HF_T5, "umt5": HF_UMT5}
 
 
 def name_problem(kind: str, name: str) -> str | None:

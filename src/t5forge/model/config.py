@@ -1,7 +1,7 @@
 """The T5 architecture as a frozen dataclass, with transformers' `T5Config` field names.
 
 Two JSON forms: HF's `config.json` (`from_hf_dict` / `to_hf_dict`: only the keys HF's T5Config
-knows, `HF_CONFIG_KEYS`; anything that is not a T5 is rejected) and t5forge's own
+knows, `HF_CONFIG_KEYS`; a model_type other than T5's families, `FAMILIES`, is rejected) and t5forge's own
 `model_config.json` (`from_json_dict` / `to_json_dict`: every field, the t5forge-only ones
 included). Each value's type is checked against the dataclass field's annotation, so a field added
 later (of any JSON type) never breaks loading a file saved before it: a missing key takes the
@@ -32,13 +32,17 @@ HF_CONFIG_KEYS = (
     "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
     "relative_attention_num_buckets", "relative_attention_max_distance", "dropout_rate",
     "layer_norm_epsilon", "feed_forward_proj", "tie_word_embeddings", "pad_token_id", "eos_token_id",
-    "decoder_start_token_id",
+    "decoder_start_token_id", "model_type",
 )
+# The checkpoint families t5forge reads and writes: model_type -> transformers' class. mT5 is T5 v1.1's
+# math with a multilingual vocabulary (HF's MT5 never rescales the decoder output: always untied);
+# UMT5 gives every layer's self-attention its own relative-bias table (position "t5_bias_per_layer").
+FAMILIES = {"t5": "T5ForConditionalGeneration", "mt5": "MT5ForConditionalGeneration",
+            "umt5": "UMT5ForConditionalGeneration"}
 # Feed-forwards that T5Config.for_layer puts into every moe_every-th layer only.
 SPARSE_FEED_FORWARDS = ("switch",)
 # What to_hf_dict adds: constant for every model t5forge writes.
-HF_CONSTANT_KEYS = {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
-                    "is_encoder_decoder": True, "initializer_factor": 1.0, "use_cache": True}
+HF_CONSTANT_KEYS = {"is_encoder_decoder": True, "initializer_factor": 1.0, "use_cache": True}
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class T5Config:
     pad_token_id: int = 0
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
+    model_type: str = "t5"  # the HF family written on export (FAMILIES): "t5" | "mt5" | "umt5"
     attention_backend: str = "sdpa"  # t5forge only: "eager" | "sdpa" | "flex" (FlexAttention, GPU)
     # t5forge only: the components, by their names in model/components.py (HF's T5 is these defaults)
     feed_forward: str = "dense"
@@ -70,6 +75,8 @@ class T5Config:
     hourglass_factor: int = 2
     hourglass_pre: int = 1
     hourglass_post: int = 1
+    # t5forge only: RoPE's base (position="rope", model/positions.py): theta_i = rope_theta^(-2i / d_kv)
+    rope_theta: float = 10000.0
     # t5forge only: the sparse mixture-of-experts feed-forward (feed_forward="switch", model/moe.py);
     # read only by it, so they change nothing in a model without it.
     num_experts: int = 8
@@ -90,6 +97,13 @@ class T5Config:
         if not 0.0 <= self.dropout_rate < 1.0:
             raise T5ForgeError(f"model config: dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
         self.activation  # validates feed_forward_proj
+        if self.model_type not in FAMILIES:
+            raise T5ForgeError(f"model config: model_type {self.model_type!r} is unknown; use one of {list(FAMILIES)}")
+        if self.model_type == "mt5" and self.tie_word_embeddings:
+            raise T5ForgeError(
+                "model config: model_type 'mt5' has its own lm_head and no output rescale (HF's MT5 has no tied, "
+                "rescaled form); set tie_word_embeddings to false, or model_type 't5' for a tied model"
+            )
         for name in ("num_experts", "moe_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -113,9 +127,19 @@ class T5Config:
         for kind in ("feed_forward", "position", "block", "encoder"):
             check_name(kind, getattr(self, kind))
         self._check_hourglass()
+        self._check_rope()
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise T5ForgeError(
                 f"model config: attention_backend {self.attention_backend!r} is unknown; use one of {ATTENTION_BACKENDS}"
+            )
+
+    def _check_rope(self):
+        if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or not self.rope_theta > 0:
+            raise T5ForgeError(f"model config: rope_theta (RoPE's base) must be a number > 0, got {self.rope_theta!r}")
+        if self.position == "rope" and self.d_kv % 2:
+            raise T5ForgeError(
+                f"model config: position 'rope' rotates pairs of d_kv features, so d_kv must be even, got "
+                f"d_kv={self.d_kv}; set model.d_kv to an even number (or another model.position)"
             )
 
     def _check_hourglass(self):
@@ -186,10 +210,10 @@ class T5Config:
         if not isinstance(d, dict):
             raise T5ForgeError(f"{source}: expected a JSON object, got {type(d).__name__}")
         model_type = d.get("model_type")
-        if model_type != "t5":
+        if model_type not in FAMILIES:
             raise T5ForgeError(
-                f"{source}: model_type is {model_type!r}, but t5forge loads only T5 models (model_type 't5'); "
-                "point at a T5 checkpoint"
+                f"{source}: model_type is {model_type!r}, but t5forge loads only T5 models (model_type "
+                f"{', '.join(repr(f) for f in FAMILIES)}); point at a T5, mT5 or UMT5 checkpoint"
             )
         kwargs = {key: d[key] for key in keys if key in d}
         eos = kwargs.get("eos_token_id")
@@ -206,9 +230,16 @@ class T5Config:
             # transformers >= 5 always writes tie_word_embeddings=true for T5 and records the v1.0 / v1.1
             # difference here instead: v1.1 (own lm_head) does not rescale the decoder output.
             kwargs["tie_word_embeddings"] = d["scale_decoder_outputs"]
+        if model_type == "mt5":
+            # HF's MT5 never rescales the decoder output (transformers 5 writes tie_word_embeddings=true
+            # for it all the same): an untied model computes its function, lm_head copying shared if absent.
+            kwargs["tie_word_embeddings"] = False
+        if model_type == "umt5" and "position" not in kwargs:
+            kwargs["position"] = "t5_bias_per_layer"  # HF's UMT5: a relative-bias table in every layer
         # HF's default (and the original T5 checkpoints, which omit the key) is tied embeddings.
         kwargs.setdefault("tie_word_embeddings", True)
-        kwargs.setdefault("feed_forward_proj", "relu")  # HF's T5Config default
+        # HF's T5Config default; mT5's and UMT5's configs default to gated-gelu
+        kwargs.setdefault("feed_forward_proj", "relu" if model_type == "t5" else "gated-gelu")
         hints = typing.get_type_hints(cls)
         for key, value in kwargs.items():
             ok, kwargs[key] = _typed(hints[key], value)
@@ -238,7 +269,8 @@ class T5Config:
     def to_hf_dict(self) -> dict:
         """A `config.json` dict that `transformers.T5Config` (and T5ForConditionalGeneration) accept:
         HF's keys only (export refuses a model whose t5forge-only fields HF cannot represent)."""
-        return {**HF_CONSTANT_KEYS, **{key: getattr(self, key) for key in HF_CONFIG_KEYS}}
+        return {"architectures": [FAMILIES[self.model_type]], **HF_CONSTANT_KEYS,
+                **{key: getattr(self, key) for key in HF_CONFIG_KEYS}}
 
     def to_json_dict(self) -> dict:
         """`to_hf_dict` plus every t5forge-only field: what `model_config.json` holds."""
@@ -263,10 +295,17 @@ class T5Config:
 
 _V1_1 = dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)
 _ORIGINAL = dict(feed_forward_proj="relu", tie_word_embeddings=True)
+_MT5 = dict(vocab_size=250112, model_type="mt5", **_V1_1)  # mT5: v1.1's shapes, 250,112 embedding rows
+_SHAPES = {
+    "small": dict(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6),
+    "base": dict(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12),
+    "large": dict(d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_heads=16),
+}
 _KNOWN = {
-    "google/t5-v1_1-small": dict(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6, **_V1_1),
-    "google/t5-v1_1-base": dict(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12, **_V1_1),
-    "google/t5-v1_1-large": dict(d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_heads=16, **_V1_1),
+    **{f"google/t5-v1_1-{size}": dict(**shape, **_V1_1) for size, shape in _SHAPES.items()},
+    # The LM-adapted v1.1 checkpoints (prefix-LM continued training) are v1.1's architecture.
+    **{f"google/t5-{size}-lm-adapt": dict(**shape, **_V1_1) for size, shape in _SHAPES.items()},
+    **{f"google/mt5-{size}": dict(**shape, **_MT5) for size, shape in _SHAPES.items()},
     "t5-small": dict(d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8, **_ORIGINAL),
     "t5-base": dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12, **_ORIGINAL),
     "tiny": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, **_V1_1),

@@ -31,8 +31,9 @@ class LayerCache:
         self.cross = None  # (k, v): (B, H, S, D)
         self.state: dict[str, torch.Tensor] = {}  # a component's own per-row state, batch first
 
-    def self_kv(self, attn, h):  # h: (B, L, C) normed inputs of the new positions
-        return self.append_self_kv(*attn.project_kv(h))
+    def self_kv(self, attn, h, rotation=None):  # h: (B, L, C) normed inputs of the new positions
+        # rotation (RoPE) of the new positions: the keys are stored turned to their absolute positions
+        return self.append_self_kv(*attn.project_kv(h, rotation))
 
     def append_self_kv(self, k, v):  # k, v: (B, H, L, D) of the new positions -> all so far (B, H, end, D)
         if self.k is None:

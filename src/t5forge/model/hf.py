@@ -1,13 +1,17 @@
 """HF transformers <-> t5forge: parameter names, loading an HF T5 directory, exporting one.
 
-HF's layout differs from ours in three ways beyond names: the relative position bias lives in
-block 0's SelfAttention of each stack (we keep it on the stack), `shared`,
+The families (T5Config.model_type): T5 (v1.0, v1.1, the LM-adapted v1.1), mT5 (T5ForConditionalGeneration's
+math, MT5ForConditionalGeneration) and UMT5 (UMT5ForConditionalGeneration: a relative-bias table in
+every layer). HF's layout differs from ours in three ways beyond names: the relative position bias lives in
+block 0's SelfAttention of each stack (we keep it on the stack; UMT5: in every block's, we keep
+the tables on the stack as `position.layers.{i}`), `shared`,
 `encoder.embed_tokens` and `decoder.embed_tokens` are one tied tensor (we store `shared` only),
 and `lm_head` is absent (tied to `shared`) unless tie_word_embeddings is False.
 
-Export knows what HF's T5 can express (`check_exportable`): the default components only, and
-exactly the parameters `hf_parameter_shapes` lists for the config; anything else is refused before
-a file is written, since transformers would otherwise fill a missing weight at random.
+Export knows what HF's class for the family can express (`check_exportable`): the family's components
+only (HF_COMPONENTS), and exactly the parameters `hf_parameter_shapes` lists for the config; anything
+else is refused before a file is written, since transformers would otherwise fill a missing weight at
+random. config.json keeps model_type and architectures, so an mT5 exports as an mT5.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 import torch
 
 from t5forge.errors import T5ForgeError
-from t5forge.model.components import HF_T5
+from t5forge.model.components import HF_COMPONENTS, HF_T5
 from t5forge.model.config import T5Config
 
 # The attribute of t5forge's Stack that holds its position scheme (the T5 relative bias), as it
@@ -33,6 +37,8 @@ _NAME_TEMPLATES = [
     ("lm_head.weight", "lm_head.weight"),
     ("{s}.final_layer_norm.weight", "{s}.final_norm.weight"),
     ("{s}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "{s}." + POSITION_MODULE + ".weight"),
+    ("{s}.block.{i}.layer.0.SelfAttention.relative_attention_bias.weight",
+     "{s}." + POSITION_MODULE + ".layers.{i}.weight"),  # UMT5: a table in every layer
     ("{s}.block.{i}.layer.0.SelfAttention.{p}.weight", "{s}.blocks.{i}.attn.{p}.weight"),
     ("{s}.block.{i}.layer.0.layer_norm.weight", "{s}.blocks.{i}.attn_norm.weight"),
     ("decoder.block.{i}.layer.1.EncDecAttention.{p}.weight", "decoder.blocks.{i}.cross_attn.{p}.weight"),
@@ -53,16 +59,25 @@ HF_REDUNDANT = (
 # t5forge-only fields that say how to compute, not what: any value exports.
 RUNTIME_ONLY = ("attention_backend",)
 _KEEP = "keep the t5forge checkpoint (load it with t5forge.load_model) instead of exporting"
+# How export messages name each family's HF class.
+_LABEL = {"t5": "T5", "mt5": "MT5", "umt5": "UMT5"}
+# UMT5 keeps its tables in every block: on reading HF names, its rule for block 0 comes first.
+_PER_LAYER_BIAS = {"umt5"}
 
 
 def check_exportable(config: T5Config) -> None:
-    """A one-line T5ForgeError naming the first part of `config` that HF's T5 cannot represent."""
-    for field, hf_kind in HF_T5.items():
+    """A one-line T5ForgeError naming the first part of `config` that HF's class for its family
+    (config.model_type) cannot represent."""
+    label = _LABEL[config.model_type]
+    for field, hf_kind in HF_COMPONENTS[config.model_type].items():
         value = getattr(config, field)
         if value != hf_kind:
+            other = [f for f, parts in HF_COMPONENTS.items()
+                     if all(getattr(config, k) == v for k, v in parts.items()) and f != config.model_type]
+            hint = f"; HF's {_LABEL[other[0]]} has it: model.model_type={other[0]}" if other else ""
             raise T5ForgeError(
-                f"cannot export to HF T5: model.{field}={value!r} has no HF T5 equivalent "
-                f"(HF's T5 knows {hf_kind!r}); {_KEEP}"
+                f"cannot export to HF {label}: model.{field}={value!r} has no HF {label} equivalent "
+                f"(HF's {label} knows {hf_kind!r}{hint}); {_KEEP}"
             )
     defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
                 for f in dataclasses.fields(config)}
@@ -73,14 +88,14 @@ def check_exportable(config: T5Config) -> None:
         value = getattr(config, field)
         if value != defaults[field]:
             raise T5ForgeError(
-                f"cannot export to HF T5: model.{field}={value!r} has no HF T5 equivalent "
-                f"(HF's T5 has no such setting; only {defaults[field]!r} exports); {_KEEP}"
+                f"cannot export to HF {label}: model.{field}={value!r} has no HF {label} equivalent "
+                f"(HF's {label} has no such setting; only {defaults[field]!r} exports); {_KEEP}"
             )
 
 
 def hf_parameter_shapes(config: T5Config) -> dict[str, tuple[int, ...]]:
-    """Every parameter HF's T5ForConditionalGeneration has for `config` (without the tied aliases
-    and unused tensors of HF_REDUNDANT), with its shape."""
+    """Every parameter HF's class for `config` (T5/MT5/UMT5ForConditionalGeneration) has (without the
+    tied aliases and unused tensors of HF_REDUNDANT), with its shape."""
     C, F, inner, H = config.d_model, config.d_ff, config.num_heads * config.d_kv, config.num_heads
     shapes = {"shared.weight": (config.vocab_size, C)}
     if not config.tie_word_embeddings:
@@ -88,8 +103,9 @@ def hf_parameter_shapes(config: T5Config) -> dict[str, tuple[int, ...]]:
     wi = ("wi_0", "wi_1") if config.is_gated else ("wi",)
     attention = {"q": (inner, C), "k": (inner, C), "v": (inner, C), "o": (C, inner)}
     for s, depth in (("encoder", config.num_layers), ("decoder", config.num_decoder_layers)):
-        shapes[f"{s}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = (
-            config.relative_attention_num_buckets, H)
+        for i in range(depth if config.model_type in _PER_LAYER_BIAS else 1):
+            shapes[f"{s}.block.{i}.layer.0.SelfAttention.relative_attention_bias.weight"] = (
+                config.relative_attention_num_buckets, H)
         shapes[f"{s}.final_layer_norm.weight"] = (C,)
         for i in range(depth):
             sublayers = ["SelfAttention"] + (["EncDecAttention"] if s == "decoder" else []) + ["DenseReluDense"]
@@ -112,6 +128,9 @@ def _compile(template: str):
 
 
 _HF_TO_OURS = [(_compile(hf), ours) for hf, ours in _NAME_TEMPLATES]
+# UMT5: block 0's table is layer 0's like every other block's (the per-layer rule before T5's).
+_HF_TO_OURS_PER_LAYER = [rule for rule in _HF_TO_OURS if ".layers." in rule[1]] + [
+    rule for rule in _HF_TO_OURS if ".layers." not in rule[1]]
 _OURS_TO_HF = [(_compile(ours), hf) for hf, ours in _NAME_TEMPLATES]
 
 
@@ -123,8 +142,9 @@ def _rename(name: str, rules) -> str | None:
     return None
 
 
-def hf_to_t5forge_name(name: str) -> str | None:
-    return _rename(name, _HF_TO_OURS)
+def hf_to_t5forge_name(name: str, model_type: str = "t5") -> str | None:
+    """t5forge's name for HF's parameter `name` of a `model_type` model (FAMILIES), or None."""
+    return _rename(name, _HF_TO_OURS_PER_LAYER if model_type in _PER_LAYER_BIAS else _HF_TO_OURS)
 
 
 def t5forge_to_hf_name(name: str) -> str | None:
@@ -145,9 +165,10 @@ def hf_to_t5forge_state_dict(hf_sd: dict, config: T5Config, source: str = "check
                     "from shared.weight; set tie_word_embeddings to false in config.json if it has its own lm_head"
                 )
             continue
-        ours = hf_to_t5forge_name(name)
+        ours = hf_to_t5forge_name(name, config.model_type)
         if ours is None:
-            raise T5ForgeError(f"{source}: weight {name!r} is not part of a T5 model; is this a T5 checkpoint?")
+            raise T5ForgeError(f"{source}: weight {name!r} is not part of a {_LABEL[config.model_type]} model; "
+                               f"is this a {_LABEL[config.model_type]} checkpoint (config.json's model_type)?")
         out[ours] = tensor
     if "shared.weight" not in out:  # some exports keep only an embed_tokens copy of the tie
         for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
@@ -176,30 +197,31 @@ def t5forge_to_hf_state_dict(sd: dict) -> dict:
 
 
 def check_hf_state_dict(hf_sd: dict, config: T5Config) -> None:
-    """A T5ForgeError unless `hf_sd` holds exactly the parameters (and shapes) HF's T5 has for `config`."""
-    expected = hf_parameter_shapes(config)
+    """A T5ForgeError unless `hf_sd` holds exactly the parameters (and shapes) HF's class for the
+    family has for `config`."""
+    expected, label, family = hf_parameter_shapes(config), _LABEL[config.model_type], config.model_type
     missing = [name for name in expected if name not in hf_sd]
     if missing:
         raise T5ForgeError(
-            f"cannot export to HF T5: the model has no weight for HF's {_describe(missing)}; transformers would "
-            f"initialise it at random. {_KEEP}"
+            f"cannot export to HF {label}: the model has no weight for HF's {_describe(missing, family)}; "
+            f"transformers would initialise it at random. {_KEEP}"
         )
     extra = [name for name in hf_sd if name not in expected]
     if extra:
         raise T5ForgeError(
-            f"cannot export to HF T5: HF's T5 for this config has no {_describe(extra)}; {_KEEP}"
+            f"cannot export to HF {label}: HF's {label} for this config has no {_describe(extra, family)}; {_KEEP}"
         )
     for name, shape in expected.items():
         if tuple(hf_sd[name].shape) != shape:
             raise T5ForgeError(
-                f"cannot export to HF T5: weight {name!r} has shape {tuple(hf_sd[name].shape)} but HF's T5 "
-                f"for this config has {shape}; {_KEEP}"
+                f"cannot export to HF {label}: weight {name!r} has shape {tuple(hf_sd[name].shape)} but HF's "
+                f"{label} for this config has {shape}; {_KEEP}"
             )
 
 
-def _describe(names: list[str], limit: int = 4) -> str:
+def _describe(names: list[str], model_type: str = "t5", limit: int = 4) -> str:
     """HF names, each with its t5forge name, so the message says which module to look at."""
-    shown = [f"{n} (t5forge {hf_to_t5forge_name(n)})" for n in names[:limit]]
+    shown = [f"{n} (t5forge {hf_to_t5forge_name(n, model_type)})" for n in names[:limit]]
     return ", ".join(shown) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
@@ -265,7 +287,7 @@ def _umask() -> int:
 
 
 def load_hf(directory, device="cpu", dtype=None, **overrides):
-    """(model, tokenizer or None) from an HF T5 directory: config.json + model.safetensors or
+    """(model, tokenizer or None) from an HF T5, mT5 or UMT5 directory: config.json + model.safetensors or
     pytorch_model.bin, and spiece.model / tokenizer.json when present. `overrides` replace
     T5Config fields (attention_backend, dropout_rate, ...)."""
     from t5forge.model.t5 import T5
@@ -292,9 +314,10 @@ def load_hf(directory, device="cpu", dtype=None, **overrides):
 
 
 def export_hf(model, tokenizer, directory) -> Path:
-    """Write an HF T5 directory that `T5ForConditionalGeneration.from_pretrained` and
-    `AutoTokenizer.from_pretrained` load: config.json, model.safetensors, generation_config.json,
-    tokenizer files. A model HF's T5 cannot represent is a T5ForgeError, with nothing written."""
+    """Write an HF directory that `AutoModelForSeq2SeqLM.from_pretrained` (T5, MT5 or UMT5
+    ForConditionalGeneration, as config.model_type says) and `AutoTokenizer.from_pretrained` load:
+    config.json, model.safetensors, generation_config.json, tokenizer files. A model HF's class
+    cannot represent is a T5ForgeError, with nothing written."""
     config: T5Config = model.config
     # Everything is checked before the first file is written: a refused export leaves no directory behind.
     check_exportable(config)

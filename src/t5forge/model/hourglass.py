@@ -22,7 +22,8 @@ full-length output as before:
   encoder is bidirectional, so there is none.
 - Positions: one position module (`position`, as in T5's stack) serves both lengths. The shortened
   blocks get its bias for the shortened length, so their relative distances are in units of k tokens
-  (a T5 bucket 1 there is k tokens apart).
+  (a T5 bucket 1 there is k tokens apart). Likewise RoPE (model.position=rope) rotates the shortened
+  blocks' q and k by the shortened sequence's positions 0..ceil(S/k)-1, one step per k tokens.
 - Packed rows (several examples per row, `finetune.pack=true`) would need the pooling to stop at
   example boundaries; they are refused with a T5ForgeError.
 
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 
 from t5forge.errors import T5ForgeError
 from t5forge.model.config import T5Config
-from t5forge.model.t5 import Stack
+from t5forge.model.t5 import Stack, layer_bias
 
 
 def shorten(x, mask, k: int):
@@ -81,15 +82,18 @@ class HourglassStack(Stack):
         S, k = x.shape[1], self.factor
         n_short = len(self.blocks) - self.pre - self.post
         full_bias, _ = self.attention_biases(x, mask, None, None, 0, None, None)
+        full_rotation = self.rotation(S)
         x = self.dropout(x)
-        for block in self.blocks[:self.pre]:
-            x = block(x, full_bias)
+        short = range(self.pre, self.pre + n_short)
+        for i in range(self.pre):
+            x = self.blocks[i](x, layer_bias(full_bias, i), rotation=full_rotation)
         s, short_mask = shorten(x, mask, k)
         short_bias, _ = self.attention_biases(s, short_mask, None, None, 0, None, None)
-        for block in self.blocks[self.pre:self.pre + n_short]:
-            s = block(s, short_bias)
+        short_rotation = self.rotation(s.shape[1])  # the shortened sequence's own positions 0..ceil(S/k)-1
+        for i in short:
+            s = self.blocks[i](s, layer_bias(short_bias, i), rotation=short_rotation)
         x = x + upsample(s, k, S)
-        for block in self.blocks[self.pre + n_short:]:
-            x = block(x, full_bias)
+        for i in range(short.stop, len(self.blocks)):
+            x = self.blocks[i](x, layer_bias(full_bias, i), rotation=full_rotation)
         return self.dropout(self.final_norm(x))  # (B, S, C)
 

@@ -49,15 +49,17 @@ class NormFormerAttention(Attention):
         super().__init__(config)
         self.head_scale = nn.Parameter(torch.ones(config.num_heads))
 
-    def heads(self, x, bias, context=None, kv=None):  # -> (B, H, Q, D): every head's output, before o
+    def heads(self, x, bias, context=None, kv=None, rotation=None):  # -> (B, H, Q, D): each head's output, before o
         q = self.split_heads(self.q(x))  # (B, H, Q, D)
-        k, v = kv if kv is not None else self.project_kv(x if context is None else context)  # (B, H, K, D)
+        if rotation is not None:
+            q = rotation(q)
+        k, v = kv if kv is not None else self.project_kv(x if context is None else context, rotation)  # (B, H, K, D)
         p = self.dropout if self.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=1.0)
 
-    def forward(self, x, bias, context=None, kv=None):  # as Attention.forward: (B, Q, C) -> (B, Q, C)
+    def forward(self, x, bias, context=None, kv=None, rotation=None):  # as Attention.forward: (B, Q, C) -> (B, Q, C)
         B, Q, _ = x.shape
-        y = self.heads(x, bias, context, kv) * self.head_scale[:, None, None]  # (B, H, Q, D)
+        y = self.heads(x, bias, context, kv, rotation) * self.head_scale[:, None, None]  # (B, H, Q, D)
         return self.o(y.transpose(1, 2).reshape(B, Q, self.n_heads * self.d_kv))
 
 
@@ -116,11 +118,12 @@ class NormFormerBlock(PreNormBlock):
         for p in [n.weight for n in norms] + [a.head_scale for a in attns]:
             nn.init.ones_(p)
 
-    def forward(self, x, self_bias, enc=None, cross_bias=None, cache=None):
-        # as PreNormBlock.forward: x (B, L, C); enc (B, S, C); cache: a generation.LayerCache when decoding
+    def forward(self, x, self_bias, enc=None, cross_bias=None, cache=None, rotation=None):
+        # as PreNormBlock.forward: x (B, L, C); enc (B, S, C); cache: a generation.LayerCache when
+        # decoding; rotation: the stack's, for self-attention
         h = self.attn_norm(x)
-        kv = cache.self_kv(self.attn, h) if cache is not None else None
-        x = x + self.dropout(self.post_attn_norm(self.attn(h, self_bias, kv=kv)))
+        kv = cache.self_kv(self.attn, h, rotation) if cache is not None else None
+        x = x + self.dropout(self.post_attn_norm(self.attn(h, self_bias, kv=kv, rotation=rotation)))
         if self.is_decoder:
             kv = cache.cross_kv(self.cross_attn, enc) if cache is not None else None
             y = self.cross_attn(self.cross_norm(x), cross_bias, context=enc, kv=kv)

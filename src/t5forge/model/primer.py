@@ -25,6 +25,8 @@ model.feed_forward=squared_relu model.feed_forward_proj=relu`; the feed-forward 
 - Generation: with a `generation.LayerCache`, the decoder keeps the last 2 pre-convolution q/k/v rows
   in `cache.state["primer_dconv"]` (reordered with the cache in beam search) and caches the
   post-convolution keys/values (`append_self_kv`), so cached decoding equals a full recompute.
+- Positions: with model.position=rope, q and k are rotated after the convolution (the rotation
+  belongs to the attention scores), and the cache holds the keys convolved, then rotated.
 
 The classes are subclasses of plain ones, so the speed converter (model/fast/) leaves them plain
 (reference speed, dense bias: which the masks above read) and says so. HF's T5 has no Primer:
@@ -95,8 +97,8 @@ class PrimerAttention(Attention):
         w[:, self.taps.index(0)] = 1.0
         return w
 
-    def forward(self, x, bias, context=None, kv=None, cache=None):
-        # x: (B, Q, C); bias as Attention's; cache: the decoder layer's generation.LayerCache, if any
+    def forward(self, x, bias, context=None, kv=None, cache=None, rotation=None):
+        # x: (B, Q, C); bias, rotation as Attention's; cache: the decoder layer's generation.LayerCache, if any
         if context is not None or kv is not None:
             raise ValueError("PrimerAttention is self-attention: it takes no context or kv (pass cache=)")
         B, Q, _ = x.shape
@@ -108,9 +110,11 @@ class PrimerAttention(Attention):
         weight = torch.cat([self.q_dconv, self.k_dconv, self.v_dconv], 0)  # (3 * H * D, 3)
         q, k, v = dconv(qkv, weight, self.taps, keep, past).split(inner, -1)
         q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)  # (B, H, Q, D)
+        if rotation is not None:  # RoPE turns the convolved q and k: the positions are the attention's
+            q, k = rotation(q), rotation(k)
         if cache is not None:
             cache.state[STATE] = (qkv if past is None else torch.cat([past, qkv], 1))[:, -(len(self.taps) - 1):]
-            k, v = cache.append_self_kv(k, v)  # post-conv keys/values of all positions so far
+            k, v = cache.append_self_kv(k, v)  # post-conv (post-rotation) keys/values of all positions so far
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=1.0)  # (B, H, Q, D)
         return self.o(y.transpose(1, 2).reshape(B, Q, inner))
@@ -131,9 +135,9 @@ class PrimerBlock(PreNormBlock):
         for p in (self.attn.q_dconv, self.attn.k_dconv, self.attn.v_dconv):
             p.copy_(self.attn.identity_taps(p.shape[0]))
 
-    def forward(self, x, self_bias, enc=None, cross_bias=None, cache=None):
+    def forward(self, x, self_bias, enc=None, cross_bias=None, cache=None, rotation=None):
         # as PreNormBlock.forward: x (B, L, C); enc (B, S, C); cache: a generation.LayerCache when decoding
-        x = x + self.dropout(self.attn(self.attn_norm(x), self_bias, cache=cache))
+        x = x + self.dropout(self.attn(self.attn_norm(x), self_bias, cache=cache, rotation=rotation))
         if self.is_decoder:
             kv = cache.cross_kv(self.cross_attn, enc) if cache is not None else None
             x = x + self.dropout(self.cross_attn(self.cross_norm(x), cross_bias, context=enc, kv=kv))

@@ -11,7 +11,10 @@
 - Relative position bias: one learned table (num_buckets x heads) per stack, read at the bucket of
   every (key - query) distance, shared by all layers; bidirectional buckets in the encoder, causal
   in the decoder. Computed once per stack forward and folded together with the padding / causal /
-  packed-row mask (model/masks.py) into one additive bias.
+  packed-row mask (model/masks.py) into one additive bias (UMT5's table per layer:
+  model/per_layer_bias.py). Another position scheme may rotate
+  self-attention's q and k instead (RoPE, model/positions.py): the stack asks it once per forward
+  (`Stack.rotation`) and hands the rotation to every block.
 - Feed-forward: relu (v1.0) or a gated activation (v1.1: gelu, tanh approximation).
 - Tied embeddings (v1.0) rescale the decoder output by d_model**-0.5 before the shared projection;
   untied (v1.1) have their own lm_head.
@@ -80,14 +83,18 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         return x.view(B, L, self.n_heads, self.d_kv).transpose(1, 2)
 
-    def project_kv(self, x):  # (B, K, C) -> k, v: (B, H, K, D); the generation cache calls this
-        return self.split_heads(self.k(x)), self.split_heads(self.v(x))
+    def project_kv(self, x, rotation=None):  # (B, K, C) -> k, v: (B, H, K, D); the generation cache calls this
+        k, v = self.split_heads(self.k(x)), self.split_heads(self.v(x))
+        return (k if rotation is None else rotation(k)), v
 
-    def forward(self, x, bias, context=None, kv=None):
-        # x: (B, Q, C); bias: (B or 1, H or 1, Q, K) additive, or None; kv: (k, v) from a cache
+    def forward(self, x, bias, context=None, kv=None, rotation=None):
+        # x: (B, Q, C); bias: (B or 1, H or 1, Q, K) additive, or None; kv: (k, v) from a cache, keys
+        # already rotated; rotation: the position scheme's turn of q and k (RoPE), self-attention only
         B, Q, _ = x.shape
         q = self.split_heads(self.q(x))  # (B, H, Q, D)
-        k, v = kv if kv is not None else self.project_kv(x if context is None else context)  # (B, H, K, D)
+        if rotation is not None:
+            q = rotation(q)
+        k, v = kv if kv is not None else self.project_kv(x if context is None else context, rotation)  # (B, H, K, D)
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=1.0)  # (B, H, Q, D)
         return self.o(y.transpose(1, 2).reshape(B, Q, self.n_heads * self.d_kv))
@@ -160,15 +167,21 @@ class PreNormBlock(nn.Module):
         self.dropout = nn.Dropout(config.dropout_rate)
         self.is_decoder = is_decoder
 
-    def forward(self, x, self_bias, enc=None, cross_bias=None, cache=None):
-        # x: (B, L, C); enc: (B, S, C) encoder output; cache: a generation.LayerCache when decoding
+    def forward(self, x, self_bias, enc=None, cross_bias=None, cache=None, rotation=None):
+        # x: (B, L, C); enc: (B, S, C) encoder output; cache: a generation.LayerCache when decoding;
+        # rotation: the stack's, for self-attention (cross-attention has no position)
         h = self.attn_norm(x)
-        kv = cache.self_kv(self.attn, h) if cache is not None else None
-        x = x + self.dropout(self.attn(h, self_bias, kv=kv))
+        kv = cache.self_kv(self.attn, h, rotation) if cache is not None else None
+        x = x + self.dropout(self.attn(h, self_bias, kv=kv, rotation=rotation))
         if self.is_decoder:
             kv = cache.cross_kv(self.cross_attn, enc) if cache is not None else None
             x = x + self.dropout(self.cross_attn(self.cross_norm(x), cross_bias, context=enc, kv=kv))
         return x + self.dropout(self.ff(self.ff_norm(x)))
+
+
+def layer_bias(self_bias, i: int):
+    """Layer i's self-attention bias: the stack's one bias, or its i-th (a table per layer)."""
+    return self_bias[i] if isinstance(self_bias, list) else self_bias
 
 
 class Stack(nn.Module):
@@ -186,15 +199,26 @@ class Stack(nn.Module):
 
     def attention_biases(self, x, mask, enc, enc_mask, offset, segments, enc_segments):
         """(self-attention bias, cross-attention bias or None): additive, (B or 1, H or 1, Q, K),
-        built once for all layers. Packed rows (segments) replace the padding masks."""
+        built once for all layers (the self-attention's: a list of one per layer when the position
+        scheme has one table per layer; `layer_bias`). Packed rows (segments) replace the padding masks."""
         L, dtype = x.shape[1], compute_dtype(x)
         keep = keep_mask(L, offset + L, x.device, mask, causal=self.is_decoder, query_offset=offset,
                          query_segments=segments, key_segments=segments)
-        self_bias = additive_bias(self.position(L, offset + L, offset), keep, dtype)
+        position = self.position(L, offset + L, offset)
+        if isinstance(position, list):  # a table per layer (t5_bias_per_layer, UMT5): one bias per layer
+            self_bias = [additive_bias(p, keep, dtype) for p in position]
+        else:
+            self_bias = additive_bias(position, keep, dtype)
         if not self.is_decoder:
             return self_bias, None
         keep = keep_mask(L, enc.shape[1], x.device, enc_mask, query_segments=segments, key_segments=enc_segments)
         return self_bias, additive_bias(None, keep, dtype)
+
+    def rotation(self, length: int, offset: int = 0):
+        """The position scheme's rotation of self-attention's q and k at positions [offset, offset +
+        length) (RoPE, model/positions.py), or None for a scheme that only adds a bias."""
+        rotation = getattr(self.position, "rotation", None)
+        return rotation(length, offset) if rotation is not None else None
 
     def forward(self, x, mask=None, enc=None, enc_mask=None, cache=None, segments=None, enc_segments=None):
         # x: (B, L, C) embedded tokens; mask: (B, L) 1 = token; enc: (B, S, C) and enc_mask: (B, S),
@@ -202,9 +226,11 @@ class Stack(nn.Module):
         # enc_segments (B, S), each token's example number (0 = padding), instead of masks.
         offset = cache.length if cache is not None else 0
         self_bias, cross_bias = self.attention_biases(x, mask, enc, enc_mask, offset, segments, enc_segments)
+        rotation = self.rotation(x.shape[1], offset)
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, self_bias, enc, cross_bias, cache=cache.layers[i] if cache is not None else None)
+            layer = cache.layers[i] if cache is not None else None
+            x = block(x, layer_bias(self_bias, i), enc, cross_bias, cache=layer, rotation=rotation)
         if cache is not None:
             cache.advance(x.shape[1])
         return self.dropout(self.final_norm(x))  # (B, L, C)

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def build_loader(cfg: RunConfig, plan, tokenizer, world, split: str, **options):
-    """The span-corruption loader of `split` ("train" or "validation"), or None when there is no
+    """The span-corruption (or UL2, data.objective) loader of `split` ("train" or "validation"), or None when there is no
     held-out data (local training files without data.validation_files). `options` go to
     build_pretrain_loader (`t5forge data preview` passes its decode-error handling)."""
     from t5forge.data.loader import build_pretrain_loader
@@ -43,7 +43,8 @@ def build_loader(cfg: RunConfig, plan, tokenizer, world, split: str, **options):
         tokenizer=tokenizer, dataset=d.dataset or None, dataset_config=d.dataset_config or None,
         files=list(files), text_field=d.text_field, split=split, batch_size=plan.micro_batch_size,
         input_length=plan.input_length, noise_density=d.mlm_probability,
-        mean_noise_span_length=d.mean_noise_span_length, seed=cfg.seed,
+        mean_noise_span_length=d.mean_noise_span_length, objective=d.objective, ul2_denoisers=d.ul2_denoisers,
+        seed=cfg.seed,
         # Held-out: every rank reads the same stream and evaluates its share of it (see
         # held_out_evaluator), so the evaluation set does not change with the number of ranks.
         rank=world.rank if split == "train" else 0, world_size=world.world_size if split == "train" else 1,
@@ -108,9 +109,13 @@ class PretrainTask(Task):
         from t5forge.plan import make_plan
 
         cfg, world = run.cfg, run.world
-        run.plan = make_plan(cfg, world_size=world.world_size, tokenizer_ids=run.tokenizer.vocab_size)
+        run.plan = make_plan(cfg, world_size=world.world_size, tokenizer_ids=run.tokenizer.vocab_size,
+                             num_sentinels=run.tokenizer.num_sentinels)
         # Data before the model: a wrong path fails in seconds, not after initialising 248M parameters.
         self.loader = build_loader(cfg, run.plan, run.tokenizer, world, "train")
+        if cfg.data.objective == "ul2" and world.is_main:
+            for line in self.loader.corruption.describe():
+                log.info("UL2 denoiser %s", line)
         self.eval_loader = build_loader(cfg, run.plan, run.tokenizer, world, "validation") if cfg.eval.steps > 0 else None
         if self.eval_loader is not None:
             check_held_out(self.eval_loader, cfg)

@@ -134,7 +134,8 @@ def build_and_train(cfg: RunConfig, world, task: Task) -> int:
     loader = task.train_loader(run)
     run.state = TrainState()
     parts = checkpoint_parts(run, task, loader)
-    resume_or_seed(resume_from, cfg, parts, world)  # fills run.state (and every part) from the checkpoint
+    # fills run.state (and every part) from the checkpoint; optim.resume_optimizer: the starting weights' optimizer
+    resume_or_seed(resume_from, cfg, parts, world, weights=weights, total_steps=run.plan.total_steps)
 
     run.autocast = autocast_for(cfg.precision, device)
     logger = start_run_files(cfg, run_dir, run.state, resume_from is not None, run.plan.total_steps, world,

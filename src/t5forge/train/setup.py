@@ -1,8 +1,12 @@
 """What a run needs before its loop starts: device, precision, tokenizer and model.
 
 Shared by `t5forge pretrain` and `t5forge finetune`, so both start from weights the same way:
-a fresh T5 of `model.name`'s architecture, or `model.checkpoint_path` (an HF T5 directory or any
-t5forge model/checkpoint/run directory) for continued pre-training and fine-tuning.
+a fresh T5 of `model.name`'s architecture, or `model.checkpoint_path` (an HF T5 / mT5 / UMT5
+directory or any t5forge model/checkpoint/run directory) for continued pre-training and fine-tuning.
+Starting weights keep their architecture and vocabulary: a model.* architecture override that
+differs from the checkpoint's is refused, and so is a tokenizer that does not fit the embedding
+rows (`check_tokenizer_fits`). The optimizer and schedule start afresh at step 0 unless
+optim.resume_optimizer takes a t5forge checkpoint's (`resume_or_seed`).
 """
 
 from __future__ import annotations
@@ -100,20 +104,38 @@ def starting_weights(cfg: RunConfig):
     )
 
 
+def has_own_tokenizer(weights) -> bool:
+    """Whether the starting weights' directory holds its tokenizer (which then replaces data.tokenizer)."""
+    return weights is not None and any((weights / name).is_file() for name in ("spiece.model", "tokenizer.json"))
+
+
 def load_run_tokenizer(cfg: RunConfig, weights=None):
     """The tokenizer of `data.tokenizer`; the starting weights' own (`weights`, see starting_weights)
-    when that directory holds one."""
+    when that directory holds one. Pre-training with data.objective=ul2 adds UL2's paradigm tokens
+    after the sentinels (a tokenizer saved by such a run has them already)."""
     from t5forge.tokenizer import load_tokenizer
 
-    if weights is not None and any((weights / name).is_file() for name in ("spiece.model", "tokenizer.json")):
+    if has_own_tokenizer(weights):
         origin = "model.checkpoint_path" if cfg.model.checkpoint_path else "model.name's weights"
-        tokenizer = load_tokenizer(weights)
+        tokenizer = _with_objective_tokens(cfg, load_tokenizer(weights))
         log.info("tokenizer: %s (from %s; data.tokenizer is not used), %s ids", weights, origin,
                  f"{tokenizer.vocab_size:,}")
         return tokenizer
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tokenizer = _with_objective_tokens(cfg, load_tokenizer(cfg.data.tokenizer))
     log.info("tokenizer: %s (data.tokenizer), %s ids", cfg.data.tokenizer, f"{tokenizer.vocab_size:,}")
     return tokenizer
+
+
+def _with_objective_tokens(cfg: RunConfig, tokenizer):
+    if cfg.mode != "pt" or cfg.data.objective != "ul2":
+        return tokenizer
+    from t5forge.data.ul2 import ALL_PARADIGM_TOKENS
+
+    added = tokenizer.with_added_tokens(ALL_PARADIGM_TOKENS)
+    if added is not tokenizer:
+        log.info("tokenizer: UL2's paradigm tokens %s added after the sentinels (ids %d-%d)",
+                 " ".join(ALL_PARADIGM_TOKENS), added.sentinel_end, added.vocab_size - 1)
+    return added
 
 
 def weights_source(cfg: RunConfig, weights=None) -> str:
@@ -130,8 +152,9 @@ def build_model(cfg: RunConfig, tokenizer, device: torch.device, weights=None, v
     """The weights in `weights` (see starting_weights), or a fresh T5 (T5's init, seeded by the
     caller) of `vocab_size` embedding rows (the plan's; None: model.name's).
 
-    The architecture comes from the checkpoint when there is one; dropout and the attention back end
-    always come from the run config, so a fine-tuning run can change them.
+    The architecture comes from the checkpoint when there is one (a model.* architecture override
+    that differs from it is refused), and so does the vocabulary (`check_tokenizer_fits`); dropout
+    and the attention back end always come from the run config, so a fine-tuning run can change them.
     """
     from t5forge.model.t5 import T5
     from t5forge.plan import resolve_model_config
@@ -142,6 +165,9 @@ def build_model(cfg: RunConfig, tokenizer, device: torch.device, weights=None, v
         from t5forge.model.load import load_model
 
         model, _ = load_model(weights, dropout_rate=m.dropout_rate, attention_backend=m.attention)
+        refuse_conflicting_overrides(cfg, model.config, weights)
+        if not has_own_tokenizer(weights):  # a checkpoint's own tokenizer was trained with it
+            check_tokenizer_fits(tokenizer, model.config.vocab_size, weights)
     else:
         model = T5(resolve_model_config(cfg, vocab_size=vocab_size))
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -151,6 +177,37 @@ def build_model(cfg: RunConfig, tokenizer, device: torch.device, weights=None, v
             "(a multiple of 128 is fastest)"
         )
     return model.to(device)
+
+
+def refuse_conflicting_overrides(cfg: RunConfig, config, weights) -> None:
+    """A T5ForgeError naming every model.* architecture override whose value differs from the
+    starting weights' own (`config`): a checkpoint keeps its architecture; equal values pass."""
+    where = "model.checkpoint_path" if cfg.model.checkpoint_path else "model.name's released weights"
+    conflicts = [f"model.{key}={value!r} (the checkpoint has {getattr(config, key)!r})"
+                 for key, value in cfg.model.architecture_overrides().items() if getattr(config, key) != value]
+    if conflicts:
+        raise T5ForgeError(
+            f"{weights} ({where}) keeps its own architecture and vocabulary, but the run config sets "
+            f"{', '.join(conflicts)}; drop {'these overrides' if len(conflicts) > 1 else 'the override'} "
+            "(a preset's: set it to null, e.g. model.d_model=null) or start a fresh model without a checkpoint"
+        )
+
+
+def check_tokenizer_fits(tokenizer, rows: int, weights) -> None:
+    """A T5ForgeError unless the starting weights' `rows` embedding rows are the tokenizer's ids,
+    up to T5's rounding to a multiple of 128 (32,100 ids -> 32,128 rows; mT5: 250,100 -> 250,112):
+    another vocabulary would read every id as the wrong token."""
+    from t5forge.data.tokenizer_train import MULTIPLE, rounded_vocab_size
+
+    ids = tokenizer.vocab_size
+    if not ids <= rows <= rounded_vocab_size(ids):
+        fewest = (rows - 1) // MULTIPLE * MULTIPLE + 1  # the fewest ids that round up to `rows`
+        raise T5ForgeError(
+            f"the tokenizer {tokenizer.source} has {ids:,} ids but the checkpoint {weights} has {rows:,} embedding "
+            f"rows (they fit a tokenizer of {fewest:,} to {rows:,} ids: T5 rounds its ids up to a multiple of "
+            f"{MULTIPLE}); the checkpoint keeps its vocabulary: pass the checkpoint's tokenizer (data.tokenizer=...) "
+            "or copy its spiece.model / tokenizer.json into the checkpoint directory"
+        )
 
 
 def model_summary(model, plan, tokenizer) -> str:
@@ -207,22 +264,54 @@ def open_run_dir(cfg: RunConfig):
     return run_dir, resume_from
 
 
-def resume_or_seed(resume_from, cfg: RunConfig, parts, world) -> None:
+def resume_or_seed(resume_from, cfg: RunConfig, parts, world, weights=None, total_steps=None) -> None:
     """Start from the checkpoint `resume_from` (every named part of the run restored in place:
     weights, optimizer, train state, data position, RNGs, ...; see run_builder.checkpoint_parts), or
-    fresh with this rank's dropout seed when it is None. Call after everything is built, so nothing
-    built afterwards draws from the restored RNGs."""
+    fresh with this rank's dropout seed when it is None: a fresh optimizer and schedule at step 0,
+    unless optim.resume_optimizer takes them (the optimizer state and the train state, its step
+    included) from the starting weights `weights`, a t5forge checkpoint; the data position and the
+    RNGs start afresh there too. Call after everything is built, so nothing built afterwards draws
+    from the restored RNGs."""
     from t5forge.train import rng
     from t5forge.train.checkpoint_parts import load_parts
 
     if resume_from is None:
         why = f"resume=auto found no checkpoint in {cfg.out_dir}" if cfg.resume == "auto" else "resume=false"
-        log.info("start: fresh, at step 0 (%s)", why)
+        if cfg.optim.resume_optimizer:
+            step = continue_optimizer(weights, parts, total_steps)
+            log.info("start: the optimizer state and schedule of %s (optim.resume_optimizer), at step %d; "
+                     "the data position and RNGs fresh (%s)", weights, step, why)
+        else:
+            log.info("start: fresh, at step 0 (%s)", why)
         rng.seed_all(cfg.seed + 1 + world.rank)  # dropout differs across ranks
         return
     load_parts(resume_from, parts, rank=world.rank, world_size=world.world_size)
     step = parts["train_state"].state.step
     log.info("resumed from %s at step %d (weights, optimizer, data position and RNG states)", resume_from, step)
+
+
+def continue_optimizer(weights, parts, total_steps=None) -> int:
+    """Load the optimizer and train-state parts from the t5forge checkpoint `weights` (the starting
+    weights' directory); the step it continues from."""
+    from t5forge import run_layout
+    from t5forge.train.checkpoint_parts import load_parts
+
+    needed = (run_layout.OPTIMIZER, run_layout.TRAIN_STATE)
+    if weights is None or not all((weights / name).is_file() for name in needed):
+        raise T5ForgeError(
+            f"optim.resume_optimizer=true needs a t5forge training checkpoint as model.checkpoint_path (it holds "
+            f"{' and '.join(needed)}), but {weights} has none: an HF or exported model directory carries weights "
+            "only; set optim.resume_optimizer=false to start the optimizer and schedule afresh"
+        )
+    load_parts(weights, {"optimizer": parts["optimizer"], "train_state": parts["train_state"]})
+    step = parts["train_state"].state.step
+    if total_steps is not None and step >= total_steps:
+        raise T5ForgeError(
+            f"optim.resume_optimizer=true continues the schedule of {weights} at step {step}, but the run has "
+            f"{total_steps} steps (optim.total_steps counts from that run's step 0); raise optim.total_steps "
+            "above it, or set optim.resume_optimizer=false to start a fresh schedule"
+        )
+    return step
 
 
 class Training(NamedTuple):
@@ -234,13 +323,14 @@ class Training(NamedTuple):
 
 def training_model(model, cfg: RunConfig, world, device, plan=None) -> Training:
     """The module the loop calls and its token loss. The plain model gets its speed twins
-    (model/fast/: `fast.apply`, which logs what it swapped and what it left plain); then it is
-    DDP-wrapped under torchrun and compiled with model.compile (null: on CUDA). On CPU without
+    (model/fast/: `fast.apply`, which logs what it swapped and what it left plain) and the
+    activation checkpointing of model.activation_checkpointing; then it is DDP-wrapped under
+    torchrun and compiled with model.compile (null: on CUDA). On CPU without
     model.compile, the twins' elementwise stretches run compiled on their own
     (model.compile_elementwise; null: when the plan's residual stream, micro-batch x input length x
     d_model, is large enough to gain from it)."""
     from t5forge.distributed import wrap_ddp
-    from t5forge.model import fast
+    from t5forge.model import activation_checkpointing, fast
     from t5forge.model.fast.compiled import wanted
     from t5forge.model.loss import TokenNLL
 
@@ -249,6 +339,8 @@ def training_model(model, cfg: RunConfig, world, device, plan=None) -> Training:
     elementwise = wanted(cfg.model.compile_elementwise, device, compiled, stream)
     log.info("compile: %s", compile_note(cfg.model, device, compiled, elementwise, stream))
     model, loss, _ = fast.apply(model, TokenNLL(), device=device, compiled=compiled, elementwise=elementwise)
+    # After the twins (the stack twin reads its blocks' exact types), before DDP and torch.compile.
+    activation_checkpointing.apply(model, cfg.model.activation_checkpointing)
     wrapped = wrap_ddp(model, world, device)
     if not compiled:
         return Training(wrapped, loss)

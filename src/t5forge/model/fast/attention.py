@@ -52,18 +52,24 @@ class AttentionBias:
 class FastAttention(Attention):
     """The plain attention with q, k, v (or k, v) from one matmul under autocast and `attend`'s kernels."""
 
-    def project_kv(self, x):  # (B, K, C) -> k, v: (B, H, K, D); the generation cache calls this
+    def project_kv(self, x, rotation=None):  # (B, K, C) -> k, v: (B, H, K, D); the generation cache calls this
         k, v = fused_linear(x, self.k, self.v)
-        return self.split_heads(k), self.split_heads(v)
+        k, v = self.split_heads(k), self.split_heads(v)
+        return (k if rotation is None else rotation(k)), v
 
-    def forward(self, x, bias, context=None, kv=None):
-        # x: (B, Q, C); bias: an AttentionBias (the stack twin) or a dense tensor / None (a plain stack)
+    def forward(self, x, bias, context=None, kv=None, rotation=None):
+        # x: (B, Q, C); bias: an AttentionBias (the stack twin) or a dense tensor / None (a plain stack);
+        # rotation: as the plain attention's (RoPE), applied the same way to q and k
         B, Q, _ = x.shape
         if context is None and kv is None:  # self-attention: q, k and v from one matmul
             q, k, v = (self.split_heads(t) for t in fused_linear(x, self.q, self.k, self.v))
+            if rotation is not None:
+                k = rotation(k)
         else:
             q = self.split_heads(self.q(x))  # (B, H, Q, D)
-            k, v = kv if kv is not None else self.project_kv(context)
+            k, v = kv if kv is not None else self.project_kv(context, rotation)
+        if rotation is not None:
+            q = rotation(q)
         if not isinstance(bias, AttentionBias):
             bias = AttentionBias("sdpa", dense=bias)
         y = attend(q, k, v, bias, self.dropout if self.training else 0.0)  # (B, H, Q, D)
