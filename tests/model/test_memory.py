@@ -24,6 +24,8 @@ def test_blocked_attention_memory_grows_linearly_and_dense_quadratically():
     dense = [estimate_step(config, params, 1, L, 114, blocked=False).attention for L in (4096, 8192, 16384)]
     assert 1.8 < blocked[2] / blocked[1] < 2.2 and 3.8 < dense[2] / dense[1] < 4.2
     assert estimate_step(config, params, 1, 16384, 114, blocked=False).attention > 50 * blocked[2]
+    full = estimate_step(config, params, 1, 16384, 114, checkpointing="full").activations
+    assert full < estimate_step(config, params, 1, 16384, 114).activations / 4  # model.activation_checkpointing
     eager, _ = small("eager")  # the plain attention keeps the dense bias whatever the length
     assert estimate_step(eager, params, 1, 16384, 114).attention == dense[2]
 
@@ -35,7 +37,7 @@ def test_a_length_that_cannot_fit_is_refused_with_the_numbers_and_the_way_out():
         check_step_fits(config, params, 8, 65536, 114, "cpu")
     message = str(error.value)
     assert "8 x 65536 input" in message and re.search(r"needs about [\d.]+ GiB .* [\d.]+ GiB is free on cpu", message)
-    assert "lower the micro-batch" in message and "activation checkpointing" in message
+    assert "lower the micro-batch" in message and "model.activation_checkpointing=full" in message
     assert "model.attention=sdpa" in message  # the eager model is told of the blocked path
 
 

@@ -12,7 +12,8 @@ bf16 autocast (the matmul outputs; the norms keep fp32 copies, which is part of 
 rounded up by ESTIMATE_SLACK). The dense path keeps each layer's probabilities (B, H, Q, K) and,
 while one layer's softmax runs, its scores: 2 x B x H x Q x K x 4 bytes per layer, plus the stack's
 bias. The query-block path (model/fast/blocked.py) keeps a log-sum-exp per query and one block's
-scores at a time.
+scores at a time. With model.activation_checkpointing=full a block keeps only its input (d floats
+per token) and one block's activations exist at a time; "selective" keeps half of them.
 
 It counts the big terms only, so it is compared with the memory available with no further margin:
 a step is refused only when the estimate alone exceeds what is free. Against the measured peaks
@@ -53,9 +54,11 @@ class StepMemory:
 
 def estimate_step(config: T5Config, params: int, batch: int, input_len: int, target_len: int, *,
                   precision: str = "fp32", optimizer_states: int = 2, blocked: bool | None = None,
-                  training: bool = True) -> StepMemory:
+                  training: bool = True, checkpointing: str = "none") -> StepMemory:
     """The estimate of one forward + backward (training) or forward (not training) of a micro-batch.
-    blocked: whether the encoder attention goes by query blocks; None: as the sdpa twins decide."""
+    blocked: whether the encoder attention goes by query blocks; None: as the sdpa twins decide.
+    checkpointing: model.activation_checkpointing; "full" keeps each block's input (d floats per
+    token and layer) plus one block's activations at a time, "selective" half of the blocks'."""
     from t5forge.model.fast.blocked import use_blocks
 
     act = 2 if precision == "bf16" else 4
@@ -65,6 +68,12 @@ def estimate_step(config: T5Config, params: int, batch: int, input_len: int, tar
     dec_token = 11 * d + 6 * i + (2 * g + 1) * f
     activations = act * batch * (config.num_layers * input_len * enc_token
                                  + config.num_decoder_layers * (target_len * dec_token + input_len * 2 * i))
+    if checkpointing == "full":
+        layers = config.num_layers + config.num_decoder_layers
+        one_block = max(input_len * enc_token, target_len * dec_token + input_len * 2 * i)
+        activations = act * batch * (layers * max(input_len, target_len) * d + one_block)
+    elif checkpointing == "selective":
+        activations /= 2
     if blocked is None:
         blocked = config.attention_backend != "eager" and use_blocks(input_len, input_len)
     if blocked:  # a log-sum-exp per query per layer, one block of scores, the band
@@ -101,10 +110,11 @@ def available_bytes(device: torch.device) -> float:
 
 
 def check_step_fits(config: T5Config, params: int, batch: int, input_len: int, target_len: int, device, *,
-                    precision: str = "fp32", optimizer_states: int = 2, training: bool = True) -> StepMemory:
+                    precision: str = "fp32", optimizer_states: int = 2, training: bool = True,
+                    checkpointing: str = "none") -> StepMemory:
     """The estimate, or a T5ForgeError saying what does not fit and what to do, before any step runs."""
     need = estimate_step(config, params, batch, input_len, target_len, precision=precision,
-                         optimizer_states=optimizer_states, training=training)
+                         optimizer_states=optimizer_states, training=training, checkpointing=checkpointing)
     free = available_bytes(device)
     if need.total > free:
         blocked_note = "" if config.attention_backend != "eager" else \
@@ -114,6 +124,6 @@ def check_step_fits(config: T5Config, params: int, batch: int, input_len: int, t
             f"a micro-batch of {batch} x {input_len} input / {target_len} target tokens needs about {need.line()}, "
             f"but {free / GiB:.1f} GiB is free on {torch.device(device)}; lower the micro-batch (a larger "
             f"optim.grad_acc keeps the batch), shorten the inputs (data.input_length / finetune.max_seq_len),"
-            f"{gpu_note} or turn on activation checkpointing where available{blocked_note}"
+            f"{gpu_note} or recompute activations in the backward (model.activation_checkpointing=full){blocked_note}"
         )
     return need

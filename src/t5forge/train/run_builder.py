@@ -127,7 +127,8 @@ def build_and_train(cfg: RunConfig, world, task: Task) -> int:
     # a micro-batch too long for this device is refused here, with the numbers, not by the allocator mid-step
     need = check_step_fits(run.model.config, run.model.num_parameters(), run.plan.micro_batch_size,
                            run.plan.input_length, run.plan.target_length, device, precision=cfg.precision,
-                           optimizer_states=1 if cfg.optim.name == "adafactor" else 2)
+                           optimizer_states=1 if cfg.optim.name == "adafactor" else 2,
+                           checkpointing=cfg.model.activation_checkpointing)
     log.info("memory: a micro-step needs about %s", need.line())
     run.optimizer = build_optimizer(run.model, cfg.optim)
     lr_at = build_schedule(cfg.optim, total_steps=run.plan.total_steps)
