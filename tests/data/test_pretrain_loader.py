@@ -228,7 +228,9 @@ def test_state_is_small_and_constant_with_a_huge_document(t5_tokenizer, tmp_path
             sizes.append((tmp_path / "data.pt").stat().st_size)
         if i == 2000:
             break
-    assert max(sizes) < 4000 and max(sizes) - min(sizes) < 64, sizes
+    # Growing positions take more bytes to pickle, and torch.save pads its records to 64 bytes: a step
+    # of one record is that; read-ahead tokens would be thousands.
+    assert max(sizes) < 4000 and max(sizes) - min(sizes) <= 128, sizes
     reader = loader.state_dict()["readers"][0]
     assert reader["record"] == 0 and reader["offset"] > 0  # still inside the huge document
     resumed = build_pretrain_loader(tokenizer=t5_tokenizer, files=[path], batch_size=4, input_length=64)
