@@ -287,7 +287,10 @@ def resume_or_seed(resume_from, cfg: RunConfig, parts, world, weights=None, tota
         return
     load_parts(resume_from, parts, rank=world.rank, world_size=world.world_size)
     step = parts["train_state"].state.step
-    log.info("resumed from %s at step %d (weights, optimizer, data position and RNG states)", resume_from, step)
+    # A checkpoint of another number of ranks reseeds the RNG streams (RNGStreams) rather than restoring them.
+    reseeded_from = getattr(parts.get("rng"), "reseeded_from", None)
+    rngs = "RNG states" if reseeded_from is None else f"RNG streams reseeded: the checkpoint's are those of {reseeded_from} rank(s)"
+    log.info("resumed from %s at step %d (weights, optimizer, data position and %s)", resume_from, step, rngs)
 
 
 def continue_optimizer(weights, parts, total_steps=None) -> int:
