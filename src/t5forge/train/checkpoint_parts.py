@@ -147,6 +147,13 @@ class RNGStreams:
             self.reseeded_from = len(states)
 
 
+def rng_reseeded_from(parts: Mapping[str, Any]) -> int | None:
+    """The saved number of ranks when the last load of `parts` reseeded their RNG streams (a
+    checkpoint of another number of processes) instead of restoring them; None otherwise."""
+    streams = getattr(parts.get("rng"), "inner", None)
+    return getattr(streams, "reseeded_from", None)
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether the model's parameters are DTensor shards (FSDP2's fully_shard)."""
     from torch.distributed.tensor import DTensor

@@ -273,7 +273,7 @@ def resume_or_seed(resume_from, cfg: RunConfig, parts, world, weights=None, tota
     RNGs start afresh there too. Call after everything is built, so nothing built afterwards draws
     from the restored RNGs."""
     from t5forge.train import rng
-    from t5forge.train.checkpoint_parts import load_parts
+    from t5forge.train.checkpoint_parts import load_parts, rng_reseeded_from
 
     if resume_from is None:
         why = f"resume=auto found no checkpoint in {cfg.out_dir}" if cfg.resume == "auto" else "resume=false"
@@ -287,9 +287,9 @@ def resume_or_seed(resume_from, cfg: RunConfig, parts, world, weights=None, tota
         return
     load_parts(resume_from, parts, rank=world.rank, world_size=world.world_size)
     step = parts["train_state"].state.step
-    # A checkpoint of another number of ranks reseeds the RNG streams (RNGStreams) rather than restoring them.
-    reseeded_from = getattr(parts.get("rng"), "reseeded_from", None)
-    rngs = "RNG states" if reseeded_from is None else f"RNG streams reseeded: the checkpoint's are those of {reseeded_from} rank(s)"
+    saved_ranks = rng_reseeded_from(parts)  # a checkpoint of another number of ranks: reseeded, not restored
+    rngs = ("RNG states" if saved_ranks is None
+            else f"RNG streams reseeded: the checkpoint's are those of {saved_ranks} rank(s)")
     log.info("resumed from %s at step %d (weights, optimizer, data position and %s)", resume_from, step, rngs)
 
 
