@@ -131,6 +131,15 @@ def run(args) -> int:
     model, tokenizer = load_model(args.model_path, device=device, dtype=args.dtype)
     if tokenizer is None:
         raise T5ForgeError(f"{args.model_path} holds no tokenizer (spiece.model or tokenizer.json); add one")
+    from t5forge.model import fast
+
+    # The speed twins, as in training: long prompts then attend by query blocks (model/fast/blocked.py).
+    # Their one-line report stays out of the output, which is the predictions only.
+    fast.log.disabled, was = True, fast.log.disabled
+    try:
+        fast.apply(model, None, device=device)
+    finally:
+        fast.log.disabled = was
     model.eval()
 
     predictions = []

@@ -24,6 +24,7 @@ import torch
 
 from t5forge.config import RunConfig
 from t5forge.config_files import run_config_text
+from t5forge.model.memory import check_step_fits
 from t5forge.train import rng
 from t5forge.train.checkpoint import Checkpointer
 from t5forge.train.checkpoint_parts import RNGStreams, run_parts
@@ -134,8 +135,18 @@ def build_and_train(cfg: RunConfig, world, task: Task) -> int:
 
     rng.seed_all(cfg.seed)  # same initial weights on every rank (a fresh model)
     run.model = build_model(cfg, run.tokenizer, device, weights, run.plan.vocab_size)
+    # a micro-batch too long for this device is refused here, with the numbers, not by the allocator mid-step
+    sharded = cfg.distributed.strategy == "fsdp" and world.distributed
+    # FSDP keeps 1/world of the weights, gradients and optimizer state on a rank (a block's gathered
+    # weights come and go within the step's slack)
+    params = -(-run.model.num_parameters() // world.world_size) if sharded else run.model.num_parameters()
+    need = check_step_fits(run.model.config, params, run.plan.micro_batch_size,
+                           run.plan.input_length, run.plan.target_length, device, precision=cfg.precision,
+                           optimizer_states=1 if cfg.optim.name == "adafactor" else 2,
+                           checkpointing=cfg.model.activation_checkpointing)
+    log.info("memory: a micro-step needs about %s", need.line())
     training = None
-    if cfg.distributed.strategy == "fsdp" and world.distributed:
+    if sharded:
         # FSDP2 replaces the parameters by their shards: the optimizer is built on those, and a
         # resume loads the full checkpoint into them (each rank keeps its shards).
         training = training_model(run.model, cfg, world, device, run.plan)

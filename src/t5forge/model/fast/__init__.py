@@ -12,7 +12,8 @@ one log line say what was swapped and what was left plain.
     plain class     twin                 what is faster                                 file
     RMSNorm         FastRMSNorm          hand-written backward; compiled stretch (CPU)  norm.py, compiled.py
     Attention       FastAttention        stacked q/k/v matmul under autocast; CPU bias  attention.py, spans.py,
-                                         kernel, packed rows as spans, FlexAttention    flex.py
+                                         kernel, packed rows as spans, long inputs by   blocked.py, flex.py
+                                         query blocks, FlexAttention
     FeedForward     FastFeedForward      stacked wi_0/wi_1 under autocast; compiled     feed_forward.py
                                          gating (CPU)
     PreNormBlock    FastBlock            the (x, delta) fused residual                  stack.py

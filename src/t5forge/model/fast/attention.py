@@ -11,6 +11,8 @@ attention twins an `AttentionBias` instead, prepared once per stack in the form 
   fewer passes over memory (one batch row at a time, in place).
 - sdpa with packed rows on CPU: example by example (fast/spans.py), where that costs less than a
   dense block-diagonal mask.
+- sdpa with long inputs (queries x keys above fast/blocked.py's BLOCKED_ABOVE_CELLS): by blocks of
+  queries (fast/blocked.py), with no (B, H, Q, K) tensor at all; padded or packed rows alike.
 - flex: FlexAttention (fast/flex.py): the table read by bucket in a score_mod and a block mask;
   a generation cache (one query per step) takes the dense sdpa form.
 - eager: no twin at all; the plain module runs (the reference).
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from t5forge.errors import T5ForgeError
+from t5forge.model.fast.blocked import QueryBlocks, band, block_size, blocked_attention, plan_blocks, use_blocks
 from t5forge.model.fast.feed_forward import fused_linear
 from t5forge.model.fast.flex import flex_attention, flex_bias
 from t5forge.model.fast.spans import _span_attention_autograd, _SpanAttention, cheaper_as_spans, segment_spans, use_spans
@@ -43,6 +46,7 @@ class AttentionBias:
     # for the longest example, each example reading its top-left corner
     score_mod: Callable | None = None  # flex: adds the relative position bias
     block_mask: Any = None  # flex: padding / causal / packed-row mask (a BlockMask), or None
+    blocks: QueryBlocks | None = None  # sdpa, long inputs: attention by blocks of queries (fast/blocked.py)
 
 
 class FastAttention(Attention):
@@ -75,6 +79,8 @@ class FastAttention(Attention):
 def attend(q, k, v, bias: AttentionBias, dropout_p: float = 0.0) -> torch.Tensor:
     # q: (B, H, Q, D); k, v: (B, H, K, D) -> (B, H, Q, D)
     mask = bias.dense
+    if bias.blocks is not None:
+        return blocked_attention(q, k, v, bias.blocks, dropout_p)
     if bias.spans is not None:
         if torch.is_grad_enabled() and dropout_p == 0.0:
             return _SpanAttention.apply(q, k, v, mask, bias.spans)
@@ -107,8 +113,10 @@ def stack_biases(stack, x, mask, enc, enc_mask, offset, segments, enc_segments, 
     backend = stack.config.attention_backend
     if backend == "flex" and not decoding:  # (one query per step: a block mask per step would cost more than it saves)
         position = stack.position
-        score_mod, block_mask = flex_bias(L, offset + L, position.weight, position.buckets(L, offset + L, offset),
-                                          mask, stack.is_decoder and L > 1, offset, segments, segments)
+        # the buckets by distance (2L - 1 of them), not (L, L): linear in the length
+        by_distance = position.buckets(1, L + offset + L - 1, L - 1 + offset)[0]
+        score_mod, block_mask = flex_bias(L, offset + L, position.weight, by_distance, mask,
+                                          stack.is_decoder and L > 1, offset, segments, segments)
         self_bias, cross_bias = AttentionBias("flex", score_mod=score_mod, block_mask=block_mask), None
         if stack.is_decoder:
             _, block_mask = flex_bias(L, enc.shape[1], key_padding_mask=enc_mask, query_segments=segments,
@@ -116,6 +124,8 @@ def stack_biases(stack, x, mask, enc, enc_mask, offset, segments, enc_segments, 
             cross_bias = AttentionBias("flex", block_mask=block_mask)
         return self_bias, cross_bias
     dtype = compute_dtype(x)
+    if not decoding and use_blocks(L, L) and not torch.compiler.is_compiling():
+        return long_biases(stack, x, mask, enc, enc_mask, segments, enc_segments, dtype)
     by_example = segments is not None and use_spans("sdpa", x.device)
     self_spans = cheaper_as_spans(segment_spans(segments, segments), *segments.shape, L) if by_example else None
     cross_spans = None
@@ -137,6 +147,29 @@ def stack_biases(stack, x, mask, enc, enc_mask, offset, segments, enc_segments, 
         else:
             cross_bias = AttentionBias("sdpa", dense=dense_cross)
     return self_bias, cross_bias
+
+
+def long_biases(stack, x, mask, enc, enc_mask, segments, enc_segments, dtype):
+    """stack_biases for long inputs: the self-attention by blocks of queries, reading one band of the
+    position bias; the cross-attention too where it is long, else its small (B, 1, 1 or T, S) mask."""
+    B, L = x.shape[:2]
+    heads, n = stack.config.num_heads, block_size(stack.config.num_heads, L)
+    self_bias = AttentionBias("sdpa", blocks=QueryBlocks(
+        band(stack.position, L, L, n, dtype), L, L,
+        plan_blocks(B, L, L, n, mask, stack.is_decoder, segments, segments),
+        key_keep=None if mask is None else mask.bool(), query_segments=segments, key_segments=segments,
+        causal=stack.is_decoder))
+    if not stack.is_decoder:
+        return self_bias, None
+    S = enc.shape[1]
+    if use_blocks(L, S):
+        n = block_size(heads, S)
+        return self_bias, AttentionBias("sdpa", blocks=QueryBlocks(
+            None, L, S, plan_blocks(B, L, S, n, enc_mask, False, segments, enc_segments),
+            key_keep=None if enc_mask is None else enc_mask.bool(), query_segments=segments,
+            key_segments=enc_segments))
+    keep = keep_mask(L, S, x.device, enc_mask, query_segments=segments, key_segments=enc_segments)
+    return self_bias, AttentionBias("sdpa", dense=additive_bias(None, keep, dtype))
 
 
 class _BiasedAttention(torch.autograd.Function):

@@ -32,13 +32,20 @@ def _compiled_flex():  # called only outside torch.compile's tracing (eager mode
 
 def flex_bias(q_len: int, k_len: int, table=None, buckets=None, key_padding_mask=None, causal: bool = False,
               query_offset: int = 0, query_segments=None, key_segments=None):
-    """(score_mod, block_mask) of one stack's attention: table (num_buckets, H) read at buckets (Q, K)
-    (None: no position bias); key_padding_mask (B, K) 1 = token; segments (B, Q) / (B, K) packed rows.
-    Either may be None (nothing to add, nothing masked)."""
+    """(score_mod, block_mask) of one stack's attention: table (num_buckets, H) read at buckets (None:
+    no position bias), either (Q, K) or, linear in the length, (Q + K - 1,) by distance: the bucket of
+    key kv and query q_idx at [kv - q_idx + Q - 1] (T5RelativeBias.buckets(1, Q + K - 1,
+    Q - 1 + query_offset)[0]); key_padding_mask (B, K) 1 = token; segments (B, Q) / (B, K)
+    packed rows. Either may be None (nothing to add, nothing masked)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     score_mod = None
-    if table is not None:
+    if table is not None and buckets.dim() == 1:
+        shift = q_len - 1  # q_idx counts from the first query; query_offset is already in the buckets
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + table[buckets[kv_idx - q_idx + shift], h].to(score.dtype)
+    elif table is not None:
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + table[buckets[q_idx, kv_idx], h].to(score.dtype)
 
