@@ -3,7 +3,8 @@ one process stepping over the same global batch, with gradient accumulation (2 m
 4 in the one process), gradient clipping and the speed twins; untied (v1.1) and tied (v1.0)
 embeddings, the stack and the hourglass encoder, AdamWScale and Adafactor. The earlier micro-steps
 keep their gathered weights (no reshard) and reduce nothing; bf16's policy trains finitely with fp32
-weights."""
+weights. Activation checkpointing (full, selective) under FSDP2, through the run's own wiring
+(train/setup.py training_model), takes bit-identical steps to none, dropout on."""
 
 import copy
 
@@ -12,15 +13,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
-from t5forge.distributed import World, micro_step_sync, shard_fsdp
+from t5forge.config_files import load_config
+from t5forge.distributed import World, is_fsdp, micro_step_sync, shard_fsdp
 from t5forge.model import fast
+from t5forge.model.activation_checkpointing import CheckpointedBlock
 from t5forge.model.config import T5Config
 from t5forge.model.loss import TokenNLL
 from t5forge.model.t5 import T5
 from t5forge.optim.adafactor import Adafactor
 from t5forge.optim.adamw_scale import AdamWScale
+from t5forge.optim.build import build_optimizer
 from t5forge.train.loop import train_step
-from t5forge.train.setup import autocast_for
+from t5forge.train.setup import autocast_for, training_model
 
 STEPS, VOCAB = 3, 256
 VARIANTS = {  # name -> (T5Config overrides, optimizer)
@@ -102,6 +106,35 @@ def _check_bf16_policy(rank, world):
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the shards the optimizer updates
 
 
+def _check_activation_checkpointing_bit_identical(rank, world):
+    """none / full / selective through training_model with distributed.strategy=fsdp: the recompute
+    in the backward gathers the block's weights again and replays dropout's RNG state, so the
+    losses, gradient norms and weights are bit-identical, over steps of 2 accumulated micro-steps."""
+    cpu = torch.device("cpu")
+    results = {}
+    for mode in ("none", "full", "selective"):
+        cfg = load_config(["model.name=tiny", f"model.activation_checkpointing={mode}", "distributed.strategy=fsdp",
+                           "precision=fp32", "model.compile=false", "model.compile_elementwise=false"])
+        torch.manual_seed(0)
+        model = T5(T5Config.from_name("tiny", vocab_size=VOCAB, dropout_rate=0.1))
+        training, loss_fn = training_model(model, cfg, world, cpu)
+        assert is_fsdp(training) and all(isinstance(p, DTensor) for p in model.parameters())
+        checkpointed = [isinstance(b, CheckpointedBlock) for b in (*model.encoder.blocks, *model.decoder.blocks)]
+        assert checkpointed == {"none": [False] * 4, "full": [True] * 4, "selective": [True, False] * 2}[mode]
+        optimizer = build_optimizer(model, cfg.optim)  # on the DTensor shards, as the run builds it
+        torch.manual_seed(100 + rank)  # dropout differs by rank
+        steps = []
+        for step in range(STEPS):
+            out = train_step(training, optimizer, _micro_batches(step)[2 * rank: 2 * rank + 2], 1e-2, grad_clip=1.0,
+                             device=cpu, world=world, loss_fn=loss_fn)
+            steps.append(torch.stack([out.loss_sum, out.grad_norm]))
+        results[mode] = (torch.stack(steps), {n: p.detach().full_tensor() for n, p in model.named_parameters()})
+    for mode in ("full", "selective"):
+        assert torch.equal(results[mode][0], results["none"][0]), (mode, results[mode][0], results["none"][0])
+        for name, w in results["none"][1].items():
+            assert torch.equal(results[mode][1][name], w), (mode, name)
+
+
 def _worker(rank, world_size, init_file):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
@@ -110,6 +143,7 @@ def _worker(rank, world_size, init_file):
         _check_equal_to_one_process(rank, world)
         _check_accumulation_keeps_gathered_weights(world)
         _check_bf16_policy(rank, world)
+        _check_activation_checkpointing_bit_identical(rank, world)
     finally:
         dist.destroy_process_group()
 

@@ -1,12 +1,14 @@
 """Resuming pre-training on another number of processes, and a two-node torchrun launch on localhost.
 
-Real runs (gloo on the CPU, the tiny preset on real C4): a 2-rank run stopped at step 3 continues on
-one process with a loader worker, re-dealing the data position and reseeding the RNG streams; two
+Real runs (gloo on the CPU, the tiny preset on real C4): a 2-rank run (DDP, and FSDP2, whose
+checkpoint is a plain full one) stopped at step 3 continues on one process with a loader worker,
+re-dealing the data position and reseeding the RNG streams; two
 torchrun agents started as two "nodes" of 2 processes each (c10d rendezvous on localhost) train,
 checkpoint, and the run resumes on 2 nodes x 1 process. Which documents are read across such a
 change is audited token by token in tests/data/test_redeal.py."""
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -26,9 +28,13 @@ def _argv(run_dir, d, *extra):
     ]
 
 
-def _steps(run_dir):
+def _train_records(run_dir):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["step"] for r in records if r["kind"] == "train"]
+    return [r for r in records if r["kind"] == "train"]
+
+
+def _steps(run_dir):
+    return [r["step"] for r in _train_records(run_dir)]
 
 
 def _saved_world(checkpoint):
@@ -43,18 +49,26 @@ def _run(argv, timeout=300):
 
 
 @pytest.mark.slow
-def test_two_ranks_stopped_then_resumed_on_one_process(tmp_path, data_dir):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_stopped_then_resumed_on_one_process(tmp_path, data_dir, strategy):
     run_dir = tmp_path / "run"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    _run([*torchrun, "-m", "t5forge", *_argv(run_dir, data_dir, "stop_at_step=3")])
+    strategy_key = f"distributed.strategy={strategy}"  # the same command line, on 2 ranks and then on 1
+    err = _run([*torchrun, "-m", "t5forge", *_argv(run_dir, data_dir, "stop_at_step=3", strategy_key)])
+    assert ("FSDP2 over 2 ranks" in err) == (strategy == "fsdp")
     assert _saved_world(run_dir / "checkpoints" / "step-00000003") == (2, 0)
 
-    err = _run([sys.executable, "-m", "t5forge", *_argv(run_dir, data_dir, "resume=auto", "data.num_workers=1")])
+    err = _run([sys.executable, "-m", "t5forge", *_argv(run_dir, data_dir, "resume=auto", "data.num_workers=1",
+                                                         strategy_key)])
     assert ("resuming a 2-rank run (data.num_workers=0) on 1 rank(s) (data.num_workers=1): data position "
             "re-dealt from 2 to 1 readers") in err
     assert "RNG streams: the checkpoint holds those of 2 rank(s) and this run has 1; reseeded" in err
+    assert (f"resumed from {run_dir / 'checkpoints' / 'step-00000003'} at step 3 (weights, optimizer, data position "
+            "and RNG streams reseeded: the checkpoint's are those of 2 rank(s))") in err
+    assert "RNG states" not in err
     assert "done: 6 steps" in err
     assert _steps(run_dir) == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(r["loss"]) for r in _train_records(run_dir))
     assert _saved_world(run_dir / "checkpoints" / "step-00000006") == (1, 1)
 
 

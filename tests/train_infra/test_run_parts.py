@@ -12,7 +12,7 @@ from t5forge.model.t5 import T5
 from t5forge.tokenizer import load_tokenizer
 from t5forge.train import run_lock
 from t5forge.train.checkpoint import Checkpointer, resolve_resume
-from t5forge.train.checkpoint_parts import Value, load_parts, run_parts
+from t5forge.train.checkpoint_parts import RNGStreams, Value, load_parts, rng_reseeded_from, run_parts
 from t5forge.train.state import TrainState
 
 
@@ -166,3 +166,19 @@ def test_a_part_a_task_registers_is_resumed_by_the_run(tmp_path, tiny_pretrain_a
     assert second.counter.saves == 3
     saved = torch.load(out / "checkpoints" / "step-00000006" / "counter.pt", weights_only=True)
     assert int(saved["saves"]) == 3
+
+
+def test_rng_streams_say_whether_they_were_restored_or_reseeded(tmp_path):
+    """The resume line's source: a checkpoint of the same number of ranks restores this rank's RNG
+    streams; one of another number reseeds them, and the part remembers the saved number of ranks."""
+    from t5forge.train import rng
+
+    reseeds = []
+    parts = run_parts(model=None, tokenizer=None, optimizer=None, train_state=None, data=None, config_text=None,
+                      rng_streams=RNGStreams(0, 1, reseed=reseeds.append))
+    torch.manual_seed(5)
+    saved, drawn = rng.capture(), torch.rand(3)
+    parts["rng"].load_ranks(tmp_path / "rng.pt", {"world_size": 1, "ranks": [saved]}, 0, 1)
+    assert rng_reseeded_from(parts) is None and torch.equal(torch.rand(3), drawn) and reseeds == []
+    parts["rng"].load_ranks(tmp_path / "rng.pt", {"world_size": 2, "ranks": [saved, saved]}, 0, 1)
+    assert rng_reseeded_from(parts) == 2 and reseeds == [2]

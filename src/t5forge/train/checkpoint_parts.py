@@ -125,6 +125,7 @@ class RNGStreams:
 
     def __init__(self, rank: int = 0, world_size: int = 1, reseed=None):
         self.rank, self.world_size, self.reseed = rank, world_size, reseed
+        self.reseeded_from = None  # the saved number of ranks, once a load reseeded instead of restoring
 
     def state_dict(self) -> dict:
         return rng.capture()
@@ -135,6 +136,7 @@ class RNGStreams:
     def load_rank_states(self, states: list) -> None:
         if len(states) == self.world_size:
             rng.restore(states[self.rank])
+            self.reseeded_from = None
         elif self.reseed is None:
             raise T5ForgeError(
                 f"the checkpoint's RNG states are those of {len(states)} processes and this run has "
@@ -142,6 +144,14 @@ class RNGStreams:
             )
         else:
             self.reseed(len(states))
+            self.reseeded_from = len(states)
+
+
+def rng_reseeded_from(parts: Mapping[str, Any]) -> int | None:
+    """The saved number of ranks when the last load of `parts` reseeded their RNG streams (a
+    checkpoint of another number of processes) instead of restoring them; None otherwise."""
+    streams = getattr(parts.get("rng"), "inner", None)
+    return getattr(streams, "reseeded_from", None)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

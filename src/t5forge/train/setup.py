@@ -273,7 +273,7 @@ def resume_or_seed(resume_from, cfg: RunConfig, parts, world, weights=None, tota
     RNGs start afresh there too. Call after everything is built, so nothing built afterwards draws
     from the restored RNGs."""
     from t5forge.train import rng
-    from t5forge.train.checkpoint_parts import load_parts
+    from t5forge.train.checkpoint_parts import load_parts, rng_reseeded_from
 
     if resume_from is None:
         why = f"resume=auto found no checkpoint in {cfg.out_dir}" if cfg.resume == "auto" else "resume=false"
@@ -287,7 +287,10 @@ def resume_or_seed(resume_from, cfg: RunConfig, parts, world, weights=None, tota
         return
     load_parts(resume_from, parts, rank=world.rank, world_size=world.world_size)
     step = parts["train_state"].state.step
-    log.info("resumed from %s at step %d (weights, optimizer, data position and RNG states)", resume_from, step)
+    saved_ranks = rng_reseeded_from(parts)  # a checkpoint of another number of ranks: reseeded, not restored
+    rngs = ("RNG states" if saved_ranks is None
+            else f"RNG streams reseeded: the checkpoint's are those of {saved_ranks} rank(s)")
+    log.info("resumed from %s at step %d (weights, optimizer, data position and %s)", resume_from, step, rngs)
 
 
 def continue_optimizer(weights, parts, total_steps=None) -> int:
