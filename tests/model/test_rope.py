@@ -150,6 +150,14 @@ def test_the_attention_twin_applies_the_rotation_as_the_plain_attention():
     assert not torch.allclose(twin(x, None, rotation=turn), twin(x, None), atol=1e-3)
 
 
+def test_the_converter_reports_nothing_left_plain_for_rope():
+    # the rotation runs inside FastAttention: RoPE needs no twin of its own
+    model = T5(tiny_config(position="rope"))
+    attentions = sum(isinstance(m, Attention) for m in model.modules())
+    _, _, report = fast.apply(model, TokenNLL(), device="cpu")
+    assert not report.left_plain and report.swapped["Attention"] == attentions
+
+
 @pytest.mark.parametrize("elementwise", [False, True])
 def test_the_converted_model_equals_the_plain_one_and_generates_the_same(elementwise):
     plain, model, loss = plain_and_converted(tiny_config(position="rope"), elementwise=elementwise)

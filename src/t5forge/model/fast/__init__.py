@@ -40,6 +40,7 @@ from t5forge.model.fast.norm import FastRMSNorm
 from t5forge.model.fast.stack import FastBlock, FastStack
 from t5forge.model.loss import TokenNLL
 from t5forge.model.per_layer_bias import PerLayerRelativeBias
+from t5forge.model.positions import RoPE
 from t5forge.model.t5 import T5, Attention, FeedForward, PreNormBlock, RMSNorm, Stack, T5RelativeBias
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ TWINS: dict[type, type] = {
 }
 # Plain classes that run as they are, with no twin: nothing of theirs is slower than it must be
 # (a stack with a table per layer keeps the dense bias form: _bias_forms).
-_NO_TWIN_NEEDED = (T5, T5RelativeBias, PerLayerRelativeBias)
+# RoPE's rotation runs inside the attention twins (FastAttention rotates after its stacked q/k/v).
+_NO_TWIN_NEEDED = (T5, T5RelativeBias, PerLayerRelativeBias, RoPE)
 
 
 @dataclass
