@@ -5,6 +5,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from span_rebuild import rebuild
 
 from t5forge.data.loader import build_pretrain_loader
 from t5forge.data.span_corruption import (
@@ -13,30 +14,6 @@ from t5forge.data.span_corruption import (
     random_spans_noise_mask,
 )
 from t5forge.errors import T5ForgeError
-
-
-def _rebuild(inputs, targets, tokenizer):
-    """Put each target span back at its sentinel in the input; checks the sentinel order on the way."""
-    first_sentinel = tokenizer.vocab_size - tokenizer.num_sentinels
-    spans, current, expected = {}, None, tokenizer.sentinel_id(0)
-    assert targets[-1] == tokenizer.eos_id and inputs[-1] == tokenizer.eos_id
-    for tok in targets[:-1]:
-        if tok >= first_sentinel:
-            assert tok == expected, "target sentinels out of order"
-            current, expected = tok, tok - 1
-            spans[current] = []
-        else:
-            spans[current].append(tok)
-    raw, expected = [], tokenizer.sentinel_id(0)
-    for tok in inputs[:-1]:
-        if tok >= first_sentinel:
-            assert tok == expected, "input sentinels out of order"
-            raw += spans.pop(tok)
-            expected -= 1
-        else:
-            raw.append(tok)
-    assert not spans, "a target span has no sentinel in the input"
-    return raw
 
 
 def _reference_chunks(docs, tokenizer, raw_length, count):
@@ -61,7 +38,7 @@ def test_real_c4_examples_are_exact_and_rebuild_the_raw_chunks(t5_tokenizer, c4_
         assert batch["input_ids"].shape == (16, 512) and batch["labels"].shape == (16, 114)
         assert batch["input_ids"].dtype == batch["labels"].dtype == __import__("torch").int64
         for i in range(16):
-            rebuilt = _rebuild(batch["input_ids"][i].tolist(), batch["labels"][i].tolist(), t5_tokenizer)
+            rebuilt = rebuild(batch["input_ids"][i].tolist(), batch["labels"][i].tolist(), t5_tokenizer)
             # tokenized documents joined with EOS and cut into 568-token chunks, in order
             assert rebuilt == reference[b * 16 + i]
 

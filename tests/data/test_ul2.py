@@ -7,6 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from span_rebuild import rebuild
 
 from t5forge.data.loader import build_pretrain_loader
 from t5forge.data.span_corruption import SpanCorruption, smallest_mean_span
@@ -20,28 +21,6 @@ from t5forge.data.ul2 import (
 )
 from t5forge.errors import T5ForgeError
 from t5forge.tokenizer import load_tokenizer
-
-
-def _rebuild(inputs, targets, tokenizer):
-    """Span corruption undone: each target span back at its sentinel, sentinels checked in order."""
-    assert inputs[-1] == targets[-1] == tokenizer.eos_id
-    spans, expected = {}, tokenizer.sentinel_id(0)
-    for tok in targets[:-1]:
-        if tokenizer.is_sentinel(tok):
-            assert tok == expected, "target sentinels out of order"
-            spans[tok], expected = [], tok - 1
-        else:
-            spans[expected + 1].append(tok)
-    raw, expected = [], tokenizer.sentinel_id(0)
-    for tok in inputs[:-1]:
-        if tokenizer.is_sentinel(tok):
-            assert tok == expected, "input sentinels out of order"
-            raw += spans.pop(tok)
-            expected -= 1
-        else:
-            raw.append(tok)
-    assert not spans, "a target span has no sentinel in the input"
-    return raw
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +47,7 @@ def _rebuild_example(tokenizer, mixture, inputs, mask, labels, denoiser):
         assert inputs[-1] == labels[-1] == tokenizer.eos_id
         assert not any(tokenizer.is_sentinel(t) for t in inputs + labels)
         return inputs[1:-1] + labels[:-1]
-    return _rebuild(inputs[1:], labels, tokenizer)
+    return rebuild(inputs[1:], labels, tokenizer)
 
 
 def test_every_denoiser_rebuilds_the_c4_text_exactly(ul2_tokenizer, c4_train_file, c4_docs):
