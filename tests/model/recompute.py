@@ -2,6 +2,7 @@
 generation (model/generation.py) equal to, token for token."""
 
 import torch
+from fast_cases import padded_batch
 
 
 def greedy_by_recompute(model, ids, mask, steps):
@@ -21,3 +22,11 @@ def greedy_by_recompute(model, ids, mask, steps):
                 break
             dec = torch.cat([dec, nxt[:, None]], 1)
     return torch.stack(out, 1)
+
+
+def cached_and_recomputed(model, steps=8):
+    """(model.generate's greedy tokens, greedy_by_recompute's, ids, mask) on fast_cases' padded batch:
+    what a component's cached-generation test holds equal."""
+    batch = padded_batch()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    return model.generate(ids, mask, max_new_tokens=steps), greedy_by_recompute(model, ids, mask, steps), ids, mask
